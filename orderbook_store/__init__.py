@@ -1,0 +1,1 @@
+"""orderbook_store."""

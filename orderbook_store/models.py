@@ -1,0 +1,78 @@
+"""The ``orderbook_data`` table as SQLAlchemy 2 declarative models.
+
+This module and the Alembic revisions are the one source of truth for the schema. Column
+lists used by the fast COPY paths are derived from here (``QUOTE_COLUMNS``), never retyped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, DateTime, Index, MetaData, Numeric, String, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Stable constraint and index names, so migrations never depend on names the server invents.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "%(table_name)s_pkey",
+}
+
+#: DECIMAL(20,8): 12 integer digits and 8 fractional ones, as the original table defines it.
+PRICE = Numeric(20, 8)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class OrderbookData(Base):
+    """One best bid/ask quote.
+
+    ``timestamp`` is the exchange's event time and ``local_timestamp`` the collector's receive
+    time, both integer microseconds since the Unix epoch, UTC.
+    """
+
+    __tablename__ = "orderbook_data"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    exchange: Mapped[str] = mapped_column(
+        String(50), nullable=False, server_default=text("'binance-futures'::character varying")
+    )
+    symbol: Mapped[str] = mapped_column(String(20), nullable=False)
+    timestamp: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    local_timestamp: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ask_amount: Mapped[Decimal | None] = mapped_column(PRICE)
+    ask_price: Mapped[Decimal | None] = mapped_column(PRICE)
+    bid_price: Mapped[Decimal | None] = mapped_column(PRICE)
+    bid_amount: Mapped[Decimal | None] = mapped_column(PRICE)
+    created_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=False), server_default=text("CURRENT_TIMESTAMP")
+    )
+
+    __table_args__ = (
+        Index("idx_orderbook_symbol_timestamp", "symbol", "timestamp"),
+        Index("idx_orderbook_created_at", "created_at"),
+        Index("idx_orderbook_symbol", "symbol"),
+    )
+
+
+#: The columns a quote carries, in table order: what writers send and readers return.
+QUOTE_COLUMNS: tuple[str, ...] = (
+    "exchange",
+    "symbol",
+    "timestamp",
+    "local_timestamp",
+    "ask_amount",
+    "ask_price",
+    "bid_price",
+    "bid_amount",
+)
+
+#: Columns holding DECIMAL(20,8) values.
+DECIMAL_COLUMNS: tuple[str, ...] = ("ask_amount", "ask_price", "bid_price", "bid_amount")
