@@ -7,9 +7,20 @@ lists used by the fast COPY paths are derived from here (``QUOTE_COLUMNS``), nev
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, DateTime, Index, MetaData, Numeric, String, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Uuid,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Stable constraint and index names, so migrations never depend on names the server invents.
@@ -76,3 +87,22 @@ QUOTE_COLUMNS: tuple[str, ...] = (
 
 #: Columns holding DECIMAL(20,8) values.
 DECIMAL_COLUMNS: tuple[str, ...] = ("ask_amount", "ask_price", "bid_price", "bid_amount")
+
+
+class WriteBatch(Base):
+    """The writer's ledger: one entry per committed batch, inserted in the batch's transaction.
+
+    A batch replayed from the spool whose id is already here was committed before (its COMMIT
+    outcome was unknown to the writer) and is skipped, so no quote is stored twice. Entries are
+    pruned by age (``committed_at``), cheaply, through the index.
+    """
+
+    __tablename__ = "orderbook_write_batches"
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    committed_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("now()")
+    )
+
+    __table_args__ = (Index("ix_orderbook_write_batches_committed_at", "committed_at"),)
