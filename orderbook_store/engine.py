@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 
@@ -32,9 +33,21 @@ def create_engine(settings: Settings | None = None) -> AsyncEngine:
     """
     settings = settings if settings is not None else Settings()
     connect = connector(settings)
+    statement_cache_size = 0 if settings.behind_pgbouncer else 100
+
+    def creator() -> object:
+        # SQLAlchemy's own async_creator path, plus the statement options PgBouncer needs.
+        return engine.sync_engine.dialect.dbapi.connect(  # type: ignore[union-attr]
+            async_creator_fn=connect,
+            prepared_statement_cache_size=statement_cache_size,
+            prepared_statement_name_func=_unique_statement_name
+            if settings.behind_pgbouncer
+            else None,
+        )
+
     engine = create_async_engine(
         settings.sqlalchemy_url(),
-        async_creator=connect,
+        creator=creator,
         pool_size=settings.pool_size,
         max_overflow=max(2, settings.pool_size // 2),
         pool_pre_ping=True,
@@ -43,6 +56,10 @@ def create_engine(settings: Settings | None = None) -> AsyncEngine:
     )
     _SETTINGS[engine] = settings
     return engine
+
+
+def _unique_statement_name() -> str:
+    return f"__obs_{uuid.uuid4().hex}__"
 
 
 def settings_of(engine: AsyncEngine) -> Settings:

@@ -33,7 +33,7 @@ _ENV_NAMES = {
     "database_url": "DATABASE_URL",
 }
 
-_SECRET_FIELDS = frozenset({"password", "database_url", "DATABASE_URL"})
+_SECRET_FIELDS = frozenset({"password", "database_url", "DATABASE_URL", "read_url"})
 
 #: URL parts that a ``DB_*`` variable may override, and the query keys libpq uses for them.
 _URL_QUERY_KEYS = ("sslmode", "sslrootcert", "application_name", "connect_timeout", "host", "port")
@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(0.2, gt=0)
     max_pending: int = Field(1_000_000, ge=1)
     spool_dir: Path | None = None
+    pgbouncer: bool | None = None
+    read_url: SecretStr | None = None
+    read_host: str | None = None
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -140,6 +143,32 @@ class Settings(BaseSettings):
         values.update(overrides)
         return cls(**values)
 
+    @property
+    def behind_pgbouncer(self) -> bool:
+        """Whether connections go through PgBouncer in transaction mode.
+
+        ``DB_PGBOUNCER`` decides; when unset, DigitalOcean's pool port 25061 means yes.
+        Behind PgBouncer, named prepared statements cannot be reused across transactions, so
+        the engine turns asyncpg's statement cache off and names each statement uniquely.
+        """
+        return self.pgbouncer if self.pgbouncer is not None else self.port == 25061
+
+    def read_settings(self) -> Settings | None:
+        """Settings for a read-only node (``DB_READ_URL`` or ``DB_READ_HOST``), if one is set."""
+        if self.read_url is not None:
+            update = _parse_libpq_url(self.read_url.get_secret_value())
+            update.setdefault("sslmode", self.sslmode)
+            update.setdefault("port", 5432)
+        elif self.read_host is not None:
+            update = {"host": self.read_host}
+        else:
+            return None
+        if isinstance(update.get("port"), str):
+            update["port"] = int(update["port"])
+        return self.model_copy(
+            update={**update, "read_url": None, "read_host": None, "database_url": None}
+        )
+
     # -- what drivers need -------------------------------------------------------------
 
     def ssl_argument(self) -> str | ssl.SSLContext | bool:
@@ -178,7 +207,8 @@ class Settings(BaseSettings):
 
     def asyncpg_connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``asyncpg.connect`` (contains the password: never log it)."""
-        return {
+        kwargs: dict[str, Any] = {"statement_cache_size": 0} if self.behind_pgbouncer else {}
+        return kwargs | {
             "host": self.host,
             "port": self.port,
             "user": self.user,
@@ -205,7 +235,7 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
-            if key == "database_url" and value is not None:
+            if key in ("database_url", "read_url") and value is not None:
                 yield key, _redact_url(value.get_secret_value())
             else:
                 yield key, value
