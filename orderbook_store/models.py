@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Text,
     Uuid,
     text,
 )
@@ -106,3 +107,26 @@ class WriteBatch(Base):
     )
 
     __table_args__ = (Index("ix_orderbook_write_batches_committed_at", "committed_at"),)
+
+
+class ImportedFile(Base):
+    """The importers' ledger: one entry per imported file, inserted in the file's transaction.
+
+    ``file_sha256`` hashes the file's bytes plus what the importer read from its path (a
+    symbol from a Binance file name, hive partition values), so importing the same file again
+    is recognised before reading it and adds nothing; a file whose import was interrupted has
+    no entry (and no rows) and is imported whole on the next run.
+    """
+
+    __tablename__ = "orderbook_import_files"
+
+    file_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    format: Mapped[str] = mapped_column(String(40), nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    quarantined: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    first_timestamp: Mapped[int | None] = mapped_column(BigInteger)
+    last_timestamp: Mapped[int | None] = mapped_column(BigInteger)
+    imported_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("now()")
+    )
