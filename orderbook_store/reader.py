@@ -294,6 +294,8 @@ def plan_quotes(
     exact: bool = False,
 ) -> _Plan:
     """Validate a range read's arguments (``ValueError`` naming the bad value)."""
+    if symbols is None:
+        raise ValueError("symbol=None: name one symbol or a list of them")
     names = _symbol_list(symbols)
     start_us = to_epoch_us(start, "start")
     end_us = to_epoch_us(end, "end")
