@@ -6,22 +6,30 @@ callers only ever see the plain method names here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .copy_encode import encode_copy_text
 from .engine import settings_of
-from .models import QUOTE_COLUMNS, OrderbookData
+from .models import OrderbookData
+from .quote import Quote, to_row
 from .reader import Frame, Output, Reader, TimeLike
 from .settings import Settings
+from .writer import Writer, WriterStats, copy_rows
 
 if TYPE_CHECKING:
     import pandas as pd
+
+#: Rows per COPY data chunk in ``insert_many``: big enough to amortise, small enough to stream.
+_INSERT_CHUNK_ROWS = 10_000
 
 
 class OrderbookRepository:
@@ -64,29 +72,94 @@ class OrderbookRepository:
     ) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Flush what is buffered and release resources."""
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Flush what is buffered (up to ``timeout_s``, default 30 s) and stop the writer.
+
+        Rows that cannot be written in time stay in the durable spool and are written at the
+        next start; one log line says how many and where. Never raises for an unreachable
+        server. A repository that never wrote touches neither the database nor the spool.
+        """
+        if self._writer is not None:
+            await self._writer.close(timeout_s)
+
+    # -- buffered writes (the collector's path; see orderbook_store.writer) ---------------
+
+    _writer: Writer | None = None
+
+    def _write_path(self) -> Writer:
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = Writer(self.engine, self.settings)
+        return writer
+
+    async def add(self, quote: Quote | Mapping[str, object]) -> None:
+        """Validate one quote and buffer it; returns at once, never waiting for the database.
+
+        ``quote`` is a ``Quote`` or a mapping with the table's column names. Costs about a
+        microsecond or two. Raises ``InvalidQuote`` (naming the field and value) for a quote
+        that breaks a rule; nothing else is affected. Buffered quotes are written in the
+        background by COPY, at least every ``flush_interval_s``.
+        """
+        writer = self._writer
+        if writer is None:
+            writer = self._write_path()
+        await writer.add(quote)
+
+    async def add_many(self, quotes: Iterable[Quote | Mapping[str, object]]) -> int:
+        """``add`` every quote; returns how many were buffered.
+
+        Valid quotes are all buffered; if any were invalid, the first ``InvalidQuote`` is
+        raised afterwards (``stats().rows_rejected`` counts them).
+        """
+        return await self._write_path().add_many(quotes)
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Return once every quote added before this call is committed (and, on first use,
+        what an earlier process left in the spool).
+
+        Without a timeout this waits for as long as the server is away. With ``timeout_s``,
+        if it passes first, the rows are made durable in the spool and ``DatabaseUnavailable``
+        is raised; they are written when the server answers, by this process or the next.
+        """
+        await self._write_path().flush(timeout_s)
+
+    def stats(self) -> WriterStats:
+        """The writer's counters: rows added, written, spooled, replayed, rejected, retries,
+        batches, and batch write latency (last, p50, p99). No I/O."""
+        return self._write_path().stats()
 
     # -- bulk writes ---------------------------------------------------------------------
 
-    async def insert_many(self, rows: Iterable[Mapping[str, Any] | Any]) -> int:
-        """Write ``rows`` now, ``batch_size`` rows per transaction; returns rows written."""
-        batch: list[dict[str, Any]] = []
-        written = 0
-        for row in rows:
-            values = row if isinstance(row, Mapping) else row.model_dump()
-            batch.append({column: values[column] for column in QUOTE_COLUMNS if column in values})
-            if len(batch) >= self.settings.batch_size:
-                written += await self._insert_batch(batch)
-                batch = []
-        if batch:
-            written += await self._insert_batch(batch)
-        return written
+    async def insert_many(self, rows: Iterable[Quote | Mapping[str, Any]]) -> int:
+        """Write ``rows`` now with one COPY; returns rows written. All or nothing.
 
-    async def _insert_batch(self, batch: list[dict[str, Any]]) -> int:
-        async with self.engine.begin() as conn:
-            await conn.execute(insert(OrderbookData), batch)
-        return len(batch)
+        Rows are validated like ``add`` (an invalid one raises ``InvalidQuote`` and nothing is
+        written) and streamed to the server in chunks while it inserts, so memory stays flat
+        for any number of rows. Bypasses the buffer, the spool and the ledger: a failure
+        raises to the caller, who knows what to retry.
+        """
+        iterator = iter(rows)
+        written = 0
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal written
+            take = itertools.islice
+            while True:
+                chunk = [to_row(row) for row in take(iterator, _INSERT_CHUNK_ROWS)]
+                if not chunk:
+                    return
+                written += len(chunk)
+                yield encode_copy_text(chunk)
+
+        async with self.engine.connect() as conn:
+            try:
+                # One COPY statement is atomic on its own: no explicit transaction needed.
+                await copy_rows(conn, chunks())
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+        return written
 
     async def count(self, symbol: str | None = None) -> int:
         """Number of stored quotes, for one symbol or all (an exact ``count(*)``)."""
