@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ _WHERE_SQL = (
     " AND timestamp < current_setting('orderbook_store.end_us')::bigint"
 )
 _EXCHANGE_SQL = " AND exchange = current_setting('orderbook_store.exchange')"
+_RANGE_SQL = (
+    " FROM orderbook_data WHERE symbol = $1 AND timestamp >= $2::bigint"
+    " AND timestamp < $3::bigint AND ($4::text IS NULL OR exchange = $4::text)"
+)
+#: The planner's row estimate for a range (bound values, so a custom plan: a real estimate).
+_ESTIMATE_SQL = "EXPLAIN (FORMAT JSON) SELECT 1" + _RANGE_SQL
+#: First and last timestamp in a range: two index probes.
+_BOUNDS_SQL = (
+    f"SELECT (SELECT timestamp{_RANGE_SQL} ORDER BY symbol, timestamp LIMIT 1) AS first,"
+    f" (SELECT timestamp{_RANGE_SQL} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
+)
+_SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
 
 
 def to_epoch_us(value: object, name: str = "time") -> int:
@@ -218,8 +231,21 @@ class _Plan:
         # asyncpg's copy_from_query wraps this in COPY (...) TO STDOUT.
         return f"SELECT {select}{_WHERE_SQL}{exchange} ORDER BY {order}"
 
-    def bind_args(self, symbol: str) -> tuple[str, str, str, str]:
-        return (symbol, str(self.start_us), str(self.end_us), self.exchange or "")
+    def bind_args(
+        self, symbol: str, start_us: int | None = None, end_us: int | None = None
+    ) -> tuple[str, str, str, str]:
+        start = self.start_us if start_us is None else start_us
+        end = self.end_us if end_us is None else end_us
+        return (symbol, str(start), str(end), self.exchange or "")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One COPY of a range read: a symbol and a sub-range of the requested times."""
+
+    symbol: str
+    start_us: int
+    end_us: int
 
 
 def _kind(column: str) -> ColumnKind:
@@ -538,6 +564,9 @@ class Reader:
     #: Bytes of COPY text decoded at a time: small enough to stay in cache and overlap with
     #: the server; large enough that numpy's per-call overhead is noise.
     batch_bytes = 2 << 20
+    #: Reads the planner expects to be at least this large use two connections at once.
+    parallel_min_rows = 200_000
+    parallel = True
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -573,13 +602,84 @@ class Reader:
             async with self.engine.connect() as conn:
                 raw = await _raw(conn)
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
-                    for symbol in plan.symbols:
-                        batches = await self._copy_batches(raw, plan, symbol)
-                        blocks.append(_block_from_batches(plan, symbol, batches, check_order=True))
+                    parts, rows = await self._parts(raw, plan)
+                    if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
+                        snapshot = await raw.fetchval("SELECT pg_export_snapshot()")
+                        results = await self._copy_parallel(raw, plan, parts, str(snapshot))
+                    else:
+                        results = [await self._copy_batches(raw, plan, part) for part in parts]
+            blocks = [
+                _block_from_batches(plan, part.symbol, batches, check_order=True)
+                for part, batches in zip(parts, results, strict=True)
+            ]
         return build_frame(_merge_blocks(plan, blocks), plan.output, exact=plan.exact)
 
+    async def _parts(self, raw: asyncpg.Connection, plan: _Plan) -> tuple[list[_Part], int]:
+        """The COPYs to run, in output order, and the planner's estimate of all rows.
+
+        A symbol whose range the planner expects to hold ``parallel_min_rows`` or more is cut
+        in two at the middle of its first and last timestamps (a timestamp boundary, so equal
+        timestamps never straddle two parts).
+        """
+        parts: list[_Part] = []
+        total = 0
+        for symbol in plan.symbols:
+            args = (symbol, plan.start_us, plan.end_us, plan.exchange)
+            explained = await raw.fetchval(_ESTIMATE_SQL, *args)
+            # SQLAlchemy registers a json codec on its connections; plain asyncpg gives text.
+            if isinstance(explained, str | bytes):
+                explained = json.loads(explained)
+            estimate = int(explained[0]["Plan"]["Plan Rows"])
+            total += estimate
+            if self.parallel and estimate >= self.parallel_min_rows:
+                bounds = await raw.fetchrow(_BOUNDS_SQL, *args)
+                first, last = bounds["first"], bounds["last"]
+                if first is not None and last is not None and last > first:
+                    middle = first + (last - first + 1) // 2
+                    parts.append(_Part(symbol, plan.start_us, middle))
+                    parts.append(_Part(symbol, middle, plan.end_us))
+                    continue
+            parts.append(_Part(symbol, plan.start_us, plan.end_us))
+        return parts, total
+
+    async def _copy_parallel(
+        self, raw: asyncpg.Connection, plan: _Plan, parts: list[_Part], snapshot: str
+    ) -> list[list[list[DecodedColumn]]]:
+        """Run ``parts`` over this connection and a second one sharing its snapshot.
+
+        Two server processes produce rows at once (the server's per-row work is the limit on a
+        single connection); ``SET TRANSACTION SNAPSHOT`` makes the second read exactly what the
+        first sees, so the result is one consistent picture of the table.
+        """
+        if not _SNAPSHOT_RE.match(snapshot):
+            raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
+        results: list[list[list[DecodedColumn]] | None] = [None] * len(parts)
+        order = iter(range(len(parts)))
+
+        async def work(connection: asyncpg.Connection) -> None:
+            for index in order:
+                results[index] = await self._copy_batches(connection, plan, parts[index])
+
+        async def helper() -> None:
+            async with self.engine.connect() as conn:
+                second = await _raw(conn)
+                async with second.transaction(isolation="repeatable_read", readonly=True):
+                    # The id comes from the server and is checked above; SET takes no parameter.
+                    await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                    await work(second)
+
+        tasks = [asyncio.ensure_future(work(raw)), asyncio.ensure_future(helper())]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [r if r is not None else [] for r in results]
+
     async def _copy_batches(
-        self, raw: asyncpg.Connection, plan: _Plan, symbol: str
+        self, raw: asyncpg.Connection, plan: _Plan, part: _Part
     ) -> list[list[DecodedColumn]]:
         decoder = TextCopyDecoder(plan.kinds, exact=plan.exact, batch_bytes=self.batch_bytes)
         batches: list[list[DecodedColumn]] = []
@@ -587,7 +687,7 @@ class Reader:
         async def sink(chunk: bytes) -> None:
             batches.extend(decoder.feed(chunk))
 
-        await raw.fetchval(_BIND_SQL, *plan.bind_args(symbol))
+        await raw.fetchval(_BIND_SQL, *plan.bind_args(part.symbol, part.start_us, part.end_us))
         await raw.copy_from_query(plan.copy_sql(order_by_id=False), output=sink)
         batches.extend(decoder.finish())
         return batches

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store import features
 from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
-from orderbook_store.reader import _BIND_SQL, LATEST_ALL_SQL, LATEST_SOME_SQL, plan_quotes
+from orderbook_store.reader import _BIND_SQL, LATEST_ALL_SQL, LATEST_SOME_SQL, Reader, plan_quotes
 
 T0 = 1582329600000000  # 2020-02-22 00:00:00 UTC
 DAY = 86_400_000_000
@@ -416,3 +416,26 @@ def test_csv_module_reads_the_file_like_pandas(real_quotes_path) -> None:
     with gzip.open(real_quotes_path, "rb") as fh:
         frame = pd.read_csv(io.BytesIO(fh.read()), dtype=str)
     assert len(rows) == len(frame) == 9_999
+
+
+async def test_two_connection_read_equals_one_connection_read(engine, real_rows) -> None:
+    await _insert(engine, [(s, T0 + i * 7, "1.5", "2.5") for i in range(300) for s in ("A", "Z")])
+    single, double = Reader(engine), Reader(engine)
+    single.parallel = False
+    double.parallel_min_rows = 1  # split every symbol in two, read on two connections
+    for symbols in ("BTCUSDT", ["Z", "BTCUSDT", "A"]):
+        one = await single.quotes(symbols, T0, T0 + DAY, output="numpy")
+        two = await double.quotes(symbols, T0, T0 + DAY, output="numpy")
+        assert list(one) == list(two)
+        for column in one:
+            assert one[column].tolist() == two[column].tolist() or (
+                one[column].dtype == np.float64 and one[column].tobytes() == two[column].tobytes()
+            ), column
+    parts, _ = await _parts_of(double, engine, "BTCUSDT")
+    assert len(parts) == 2 and parts[0].end_us == parts[1].start_us
+
+
+async def _parts_of(reader: Reader, engine: AsyncEngine, symbol: str) -> tuple[list, int]:
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        return await reader._parts(raw, plan_quotes(symbol, T0, T0 + DAY))
