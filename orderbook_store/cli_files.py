@@ -1,0 +1,294 @@
+"""``orderbook-store import | verify | export``: move files in and out of the database.
+
+Register on the main app with :func:`register` (``register(app)`` in ``cli.py``); ``app`` here
+is the same three commands as a standalone Typer app. Exit codes: ``import`` 0 when every file
+was imported or already was, 3 when lines were quarantined (the rest imported), 1 when a file
+was refused or failed; ``verify`` 0 only when every file matches the database; ``export`` 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from .engine import create_engine
+from .errors import ConfigError
+from .export import export_parquet
+from .importers import FileResult, ImportOptions, ImportSummary, import_paths
+from .importers.verify import VerifySummary, verify_paths
+from .settings import Settings
+
+app = typer.Typer(
+    help="Import quote files, verify them against the database, export Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Paths = Annotated[
+    list[Path],
+    typer.Argument(help="Files or directories (walked recursively); plain, .gz or .zip."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
+Symbol = Annotated[
+    str | None,
+    typer.Option(help="Symbol for Binance bookTicker CSV files whose name does not carry it."),
+]
+
+
+def parse_time_us(value: str) -> int:
+    """``2024-01-01``, ``2024-01-01T12:00``, ISO with offset (UTC when none) or integer µs."""
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"time {value!r}: expected an ISO date or time such as 2024-01-01 or "
+            "2024-01-01T12:00:00Z, or integer microseconds since the epoch"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _iso(timestamp_us: int | None) -> str:
+    if timestamp_us is None:
+        return ""
+    moment = dt.datetime.fromtimestamp(timestamp_us // 1_000_000, tz=dt.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class _Bar:
+    """A rich progress bar: files done of total, rows, rows/s, elapsed."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files  {task.fields[rows]:,} rows  {task.fields[rate]:,.0f} rows/s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("import", total=None, rows=0, rate=0.0)
+        self.rows = 0
+        self.started = time.perf_counter()
+
+    def file_started(self, file: str, index: int, total: int) -> None:
+        name = Path(file.split("!")[-1]).name
+        self.progress.update(self.task, total=total, completed=index, description=name[:40])
+
+    def rows_done(self, rows: int) -> None:
+        self.rows += rows
+        rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, rows=self.rows, rate=rate)
+
+    def file_done(self, result: FileResult) -> None:
+        self.progress.advance(self.task)
+
+
+def _import_table(summary: ImportSummary) -> Table:
+    table = Table(title="import")
+    for column in ("file", "format", "status", "rows", "quarantined", "first", "last"):
+        table.add_column(column, justify="right" if column in ("rows", "quarantined") else "left")
+    for result in summary.files:
+        table.add_row(
+            result.file,
+            result.format,
+            result.status,
+            f"{result.rows:,}",
+            f"{result.quarantined:,}",
+            _iso(result.first_timestamp),
+            _iso(result.last_timestamp),
+        )
+    rate = summary.rows / summary.seconds if summary.seconds else 0.0
+    table.caption = (
+        f"{summary.count('imported')} imported, {summary.count('skipped')} already imported, "
+        f"{summary.count('refused') + summary.count('failed')} not imported; "
+        f"{summary.rows:,} rows ({rate:,.0f} rows/s), {summary.quarantined:,} quarantined"
+    )
+    return table
+
+
+def import_files(
+    paths: Paths,
+    quarantine: Annotated[
+        Path | None,
+        typer.Option(help="CSV for rejected lines (default quarantine-<UTC time>.csv here)."),
+    ] = None,
+    symbol: Symbol = None,
+    quiet: Quiet = False,
+) -> None:
+    """Import quote files (format detected from content), each exactly once.
+
+    Formats: tardis.dev quotes and book_snapshot_N CSV, Binance bookTicker CSV dumps and
+    websocket JSON lines, FileStorage daily files, Parquet from `export`. Rerunning is safe:
+    files already imported are skipped, an interrupted file is imported whole.
+    """
+    console = Console(stderr=True)
+    engine = create_engine(Settings())
+    bar = None if quiet else _Bar(console)
+
+    async def run() -> ImportSummary:
+        try:
+            return await import_paths(
+                engine,
+                paths,
+                options=ImportOptions(symbol=symbol),
+                quarantine=quarantine,
+                progress=bar,
+            )
+        finally:
+            await engine.dispose()
+
+    if bar is not None:
+        with bar.progress:
+            summary = asyncio.run(run())
+    else:
+        summary = asyncio.run(run())
+    if not quiet:
+        Console().print(_import_table(summary))
+        for result in summary.files:
+            if result.status in ("refused", "failed"):
+                console.print(f"[red]{result.status}[/red]: {result.message}", highlight=False)
+        if summary.quarantine_path is not None:
+            console.print(f"{summary.quarantined:,} lines quarantined in {summary.quarantine_path}")
+    else:
+        for result in summary.files:
+            if result.status in ("refused", "failed"):
+                typer.echo(f"{result.status}: {result.message}", err=True)
+    raise typer.Exit(summary.exit_code)
+
+
+def _verify_table(summary: VerifySummary) -> Table:
+    table = Table(title="verify")
+    for column in (
+        "file",
+        "exchange/symbol",
+        "status",
+        "rows file/db",
+        "first",
+        "last",
+        "checksum",
+    ):
+        table.add_column(column)
+    for check in summary.files:
+        if not check.groups:
+            table.add_row(check.file, "", check.status, "", "", "", "")
+        for group in check.groups:
+            f, d = group.file, group.database
+            table.add_row(
+                check.file,
+                f"{group.exchange}/{group.symbol}",
+                "ok" if group.ok else "MISMATCH",
+                f"{f.rows:,}/{d.rows:,}",
+                "=" if f.first == d.first else f"{_iso(f.first)} / {_iso(d.first)}",
+                "=" if f.last == d.last else f"{_iso(f.last)} / {_iso(d.last)}",
+                "=" if f.checksum == d.checksum else "differs",
+            )
+    return table
+
+
+def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> None:
+    """Compare files with the database: row count, first/last timestamp, value checksum.
+
+    Exit code 1 when any file does not match (or cannot be read), 0 otherwise.
+    """
+    engine = create_engine(Settings())
+
+    async def run() -> VerifySummary:
+        try:
+            return await verify_paths(engine, paths, options=ImportOptions(symbol=symbol))
+        finally:
+            await engine.dispose()
+
+    summary = asyncio.run(run())
+    if not quiet:
+        Console().print(_verify_table(summary))
+    for check in summary.files:
+        if check.status == "refused":
+            typer.echo(f"refused: {check.message}", err=True)
+        elif check.status == "mismatch" and quiet:
+            typer.echo(f"mismatch: {check.file}", err=True)
+    raise typer.Exit(summary.exit_code)
+
+
+def export_files(
+    symbol: Annotated[str, typer.Option(help="Symbol to export, e.g. BTCUSDT.")],
+    start: Annotated[str, typer.Option(help="From (inclusive): ISO date/time, UTC, or µs.")],
+    end: Annotated[str, typer.Option(help="To (exclusive): ISO date/time, UTC, or µs.")],
+    out: Annotated[Path, typer.Option(help="Output directory (hive-partitioned tree).")],
+    quiet: Quiet = False,
+) -> None:
+    """Export a symbol's quotes to Parquet (zstd): exchange=/symbol=/date= directories.
+
+    Timestamps are timestamp[us, UTC], values decimal128(20,8) (exact); `import` reads the
+    tree back.
+    """
+    start_us, end_us = parse_time_us(start), parse_time_us(end)
+    if end_us <= start_us:
+        raise ConfigError(f"--end {end!r} must be after --start {start!r}")
+    engine = create_engine(Settings())
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]export"),
+        TextColumn("{task.completed:,.0f} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+    )
+    task = progress.add_task("export", total=None)
+
+    async def run() -> None:
+        try:
+            summary = await export_parquet(
+                engine,
+                symbol=symbol,
+                start_us=start_us,
+                end_us=end_us,
+                out=out,
+                on_rows=lambda rows: progress.advance(task, rows),
+            )
+        finally:
+            await engine.dispose()
+        progress.stop()
+        if not quiet:
+            rate = summary.rows / summary.seconds if summary.seconds else 0.0
+            Console().print(
+                f"exported {summary.rows:,} rows into {len(summary.files)} files under {out} "
+                f"({rate:,.0f} rows/s)"
+            )
+
+    with progress:
+        asyncio.run(run())
+
+
+def register(target: typer.Typer) -> None:
+    """Add ``import``, ``verify`` and ``export`` to ``target`` (the ``orderbook-store`` app)."""
+    target.command("import")(import_files)
+    target.command("verify")(verify_files)
+    target.command("export")(export_files)
+
+
+register(app)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,201 @@
+"""``verify``: does the database hold exactly the rows a file holds?
+
+Per file, the rows it would import (after the same validation; rejected lines are reported,
+not expected) are grouped by exchange and symbol, and each group is compared with the
+database's rows of that exchange and symbol between the group's first and last ``timestamp``:
+row count, first and last timestamp, and a checksum of the values. The checksum is the sum of
+the first 64 bits (signed) of the MD5 of each row's text
+``exchange|symbol|timestamp|local_timestamp|ask_amount|ask_price|bid_price|bid_amount``,
+decimals written with 8 decimals (as PostgreSQL prints DECIMAL(20,8)) and NULL as nothing:
+order-independent, computed by the server with ``md5()`` and here with ``hashlib``, so a
+missing, extra or altered row changes it.
+
+What it cannot tell apart: rows of another source (the collector, an overlapping file) in the
+same symbol and time range count as extra rows, which is a mismatch; verify files that cover
+disjoint ranges, or the database will rightly look different from each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
+
+from .base import ImportOptions, Reader, RefusedFile
+from .detect import detect, expand
+from .rows import Checked
+
+_DECIMAL = pa.decimal128(20, 8)
+
+
+@dataclass
+class Stats:
+    """What is compared: count, first and last timestamp, value checksum."""
+
+    rows: int = 0
+    first: int | None = None
+    last: int | None = None
+    checksum: int = 0
+
+    def add(self, other: Stats) -> None:
+        self.rows += other.rows
+        self.checksum += other.checksum
+        if other.first is not None:
+            self.first = other.first if self.first is None else min(self.first, other.first)
+        if other.last is not None:
+            self.last = other.last if self.last is None else max(self.last, other.last)
+
+
+@dataclass
+class GroupCheck:
+    """One exchange/symbol of a file against the database."""
+
+    exchange: str
+    symbol: str
+    file: Stats
+    database: Stats
+
+    @property
+    def ok(self) -> bool:
+        return self.file == self.database
+
+
+@dataclass
+class FileCheck:
+    """One file's verdict: ``ok``, ``mismatch`` or ``refused``."""
+
+    file: str
+    format: str = ""
+    status: str = "ok"
+    groups: list[GroupCheck] = field(default_factory=list)
+    rejected: int = 0
+    message: str = ""
+
+
+@dataclass
+class VerifySummary:
+    """All files' verdicts; ``exit_code`` is 0 only when every file matched."""
+
+    files: list[FileCheck] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(check.status == "ok" for check in self.files) else 1
+
+
+def row_texts(rows: pa.Table) -> pa.Array:
+    """Each row's canonical text (see the module docstring), vectorized."""
+    parts = [
+        rows.column("exchange"),
+        rows.column("symbol"),
+        rows.column("timestamp").cast(pa.string()),
+        rows.column("local_timestamp").cast(pa.string()),
+    ]
+    for name in DECIMAL_COLUMNS:
+        parts.append(rows.column(name).cast(_DECIMAL).cast(pa.string()))
+    return pc.binary_join_element_wise(*parts, "|", null_handling="replace", null_replacement="")
+
+
+def checksum_of(texts: Sequence[str]) -> int:
+    """Sum of the signed first 64 bits of each text's MD5 (``md5`` here is not for security)."""
+    total = 0
+    for value in texts:
+        digest = hashlib.md5(value.encode(), usedforsecurity=False).digest()
+        total += int.from_bytes(digest[:8], "big", signed=True)
+    return total
+
+
+def block_stats(checked: Checked) -> dict[tuple[str, str], Stats]:
+    """Per exchange/symbol statistics of one validated block."""
+    rows = checked.rows
+    found: dict[tuple[str, str], Stats] = {}
+    if rows.num_rows == 0:
+        return found
+    keys = rows.select(["exchange", "symbol"]).group_by(["exchange", "symbol"]).aggregate([])
+    for key in keys.to_pylist():
+        mask = pc.and_(
+            pc.equal(rows.column("exchange"), key["exchange"]),
+            pc.equal(rows.column("symbol"), key["symbol"]),
+        )
+        part = rows.filter(mask)
+        bounds = pc.min_max(part.column("timestamp")).as_py()
+        found[(key["exchange"], key["symbol"])] = Stats(
+            rows=part.num_rows,
+            first=bounds["min"],
+            last=bounds["max"],
+            checksum=checksum_of(row_texts(part).to_pylist()),
+        )
+    return found
+
+
+def file_stats(reader: Reader) -> tuple[dict[tuple[str, str], Stats], int]:
+    """Statistics of every exchange/symbol in a file, and how many lines it rejects."""
+    totals: dict[tuple[str, str], Stats] = {}
+    rejected = 0
+    for checked in reader.blocks():
+        rejected += len(checked.rejected)
+        for key, stats in block_stats(checked).items():
+            totals.setdefault(key, Stats()).add(stats)
+    return totals, rejected
+
+
+_TABLE = OrderbookData.__tablename__
+_ROW_TEXT = (
+    "concat_ws('|', exchange, symbol, timestamp::text, local_timestamp::text, "
+    + ", ".join(f"coalesce({name}::text, '')" for name in DECIMAL_COLUMNS)
+    + ")"
+)
+_DATABASE_STATS = text(
+    f"SELECT count(*), min(timestamp), max(timestamp), "
+    f"coalesce(sum(('x' || left(md5({_ROW_TEXT}), 16))::bit(64)::bigint), 0) "
+    f"FROM {_TABLE} WHERE exchange = :exchange AND symbol = :symbol "
+    "AND timestamp BETWEEN :first AND :last"
+)
+
+
+async def database_stats(
+    engine: AsyncEngine, exchange: str, symbol: str, first: int, last: int
+) -> Stats:
+    """The database's statistics for one exchange/symbol and timestamp range (inclusive)."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                _DATABASE_STATS,
+                {"exchange": exchange, "symbol": symbol, "first": first, "last": last},
+            )
+        ).one()
+    return Stats(rows=int(row[0]), first=row[1], last=row[2], checksum=int(row[3]))
+
+
+async def verify_paths(
+    engine: AsyncEngine, paths: Sequence[Path], *, options: ImportOptions | None = None
+) -> VerifySummary:
+    """Compare every file (directories walked) with the database; see the module docstring."""
+    options = options or ImportOptions()
+    summary = VerifySummary()
+    for unit in expand(list(paths)):
+        check = FileCheck(unit.display)
+        summary.files.append(check)
+        try:
+            reader = detect(unit, options)
+        except RefusedFile as exc:
+            check.status, check.message = "refused", str(exc)
+            continue
+        check.format = reader.format
+        totals, check.rejected = await asyncio.to_thread(file_stats, reader)
+        for (exchange, symbol), stats in sorted(totals.items()):
+            assert stats.first is not None and stats.last is not None
+            found = await database_stats(engine, exchange, symbol, stats.first, stats.last)
+            check.groups.append(GroupCheck(exchange, symbol, stats, found))
+        if not all(group.ok for group in check.groups):
+            check.status = "mismatch"
+    return summary
