@@ -1,0 +1,284 @@
+"""The writer under faults: each ends with exactly the quotes added, none missing, none twice.
+
+Every test here starts its own PostgreSQL server (tests/pgserver.py) so it can stop it or kill
+its backends without disturbing anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from orderbook_store import migrations
+from orderbook_store.copy_encode import encode_copy_text
+from orderbook_store.engine import create_engine
+from orderbook_store.models import QUOTE_COLUMNS
+from orderbook_store.quote import QuoteRow, to_row
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+from orderbook_store.spool import Spool, target_dirname
+from orderbook_store.synthetic import QuoteWalk
+
+from pgserver import TemporaryPostgres
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+Row = tuple[object, ...]
+APP = "obs-writer-under-test"
+
+
+def as_multiset(rows: Iterable[QuoteRow]) -> Counter[Row]:
+    return Counter(
+        (*row[:4], *(None if v is None else Decimal(v) for v in row[4:]))  # type: ignore[arg-type]
+        for row in rows
+    )
+
+
+def expected(quote_dicts: Iterable[Mapping[str, object]]) -> Counter[Row]:
+    return as_multiset(to_row(q) for q in quote_dicts)
+
+
+async def stored_multiset(settings: Settings) -> Counter[Row]:
+    conn = await asyncpg.connect(**settings.asyncpg_connect_kwargs())
+    try:
+        records = await conn.fetch(
+            "SELECT " + ", ".join(f'"{c}"' for c in QUOTE_COLUMNS) + " FROM orderbook_data"
+        )
+    finally:
+        await conn.close()
+    return Counter(tuple(r) for r in records)
+
+
+@pytest.fixture
+def pg() -> Iterator[TemporaryPostgres]:
+    with TemporaryPostgres() as server:
+        server.create_database("orderbook")
+        migrations.upgrade(server.settings("orderbook"), "head")
+        yield server
+
+
+def writer_settings(pg: TemporaryPostgres) -> Settings:
+    return pg.settings("orderbook", application_name=APP, pool_size=2)
+
+
+async def test_add_survives_server_stop_and_start_without_loss(
+    pg: TemporaryPostgres, tmp_path: Path
+) -> None:
+    settings = writer_settings(pg)
+    engine = create_engine(settings)
+    repo = OrderbookRepository(engine, spool_dir=tmp_path, batch_size=200, flush_interval_s=0.05)
+    added = QuoteWalk(seed=21).take(15_000)
+    try:
+        for i, quote in enumerate(added):
+            await repo.add(quote)
+            if i % 200 == 0:
+                await asyncio.sleep(0.01 if 5_000 <= i < 10_000 else 0.001)
+            if i == 5_000:
+                await asyncio.to_thread(pg.stop)  # connections drop mid-stream
+                stopped = repo.stats()
+            if i == 10_000:
+                down = repo.stats()
+                await asyncio.to_thread(pg.start)
+        await repo.flush(timeout_s=120)
+        stats = repo.stats()
+    finally:
+        await repo.close(timeout_s=5)
+        await engine.dispose()
+
+    assert await stored_multiset(settings) == expected(added)
+    # The fault path was taken: writes failed, rows were spooled while down, then replayed.
+    assert down.rows_added - stopped.rows_added == 5_000
+    assert down.rows_spooled > 0
+    assert stats.retries > 0
+    assert stats.rows_written == 15_000
+    assert stats.rows_replayed == stats.rows_spooled
+    assert stats.rows_in_spool == 0
+
+
+async def test_backend_killed_during_copy_loses_and_duplicates_nothing(
+    pg: TemporaryPostgres, tmp_path: Path
+) -> None:
+    settings = writer_settings(pg)
+    engine = create_engine(settings)
+    repo = OrderbookRepository(engine, spool_dir=tmp_path, batch_size=3_000, flush_interval_s=0.05)
+    admin = await asyncpg.connect(pg.url("orderbook"))
+    kills = 0
+    done = asyncio.Event()
+
+    async def killer() -> None:
+        nonlocal kills
+        while not done.is_set() and kills < 3:
+            killed = await admin.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND state = 'active' AND query ILIKE 'COPY%'",
+                APP,
+            )
+            kills += sum(1 for r in killed if r[0])
+            await asyncio.sleep(0.001)
+
+    added = QuoteWalk(seed=22).take(120_000)
+    task = asyncio.create_task(killer())
+    try:
+        for i, quote in enumerate(added):
+            await repo.add(quote)
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+            if i % 10_000 == 0 and kills < 3:
+                await asyncio.sleep(0.05)  # a COPY is surely running now: let the killer see it
+        await repo.flush(timeout_s=120)
+        stats = repo.stats()
+    finally:
+        done.set()
+        await task
+        await admin.close()
+        await repo.close(timeout_s=5)
+        await engine.dispose()
+
+    assert kills >= 1
+    assert stats.retries >= 1
+    assert await stored_multiset(settings) == expected(added)
+    assert stats.rows_written == len(added)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from orderbook_store import OrderbookRepository, Settings, create_engine
+    from orderbook_store.errors import DatabaseUnavailable
+    from orderbook_store.synthetic import QuoteWalk
+
+    async def main(url, spool, seed):
+        engine = create_engine(Settings(database_url=url, pool_size=2))
+        repo = OrderbookRepository(engine, spool_dir=spool, batch_size=100,
+                                   flush_interval_s=0.05)
+        walk = QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=seed)
+        added = 0
+        while True:
+            for quote in walk.take(250):
+                await repo.add(quote)
+            added += 250
+            try:
+                await repo.flush(timeout_s=0.3)
+            except DatabaseUnavailable:
+                pass  # durable in the spool
+            print("durable", added, flush=True)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    """
+)
+
+
+def test_sigkilled_writer_is_replayed_by_the_next_process(
+    pg: TemporaryPostgres, tmp_path: Path
+) -> None:
+    seed = 23
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, pg.url("orderbook"), str(tmp_path), str(seed)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    durable = 0
+    try:
+        while durable < 2_000:
+            durable = int(child.stdout.readline().split()[1])
+        pg.stop()  # from here on the child's batches can only go to the spool
+        at_stop = durable
+        while durable < at_stop + 1_500:
+            durable = int(child.stdout.readline().split()[1])
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob("*/*/*.seg")), "the killed writer left a spool behind"
+
+    pg.start()
+    settings = pg.settings("orderbook")
+
+    async def replay() -> tuple[Counter[Row], int]:
+        engine = create_engine(settings)
+        async with OrderbookRepository(engine, spool_dir=tmp_path) as repo:
+            await repo.flush(timeout_s=60)  # a fresh writer's first flush replays the spool
+            replayed = repo.stats().rows_replayed
+        await engine.dispose()
+        return await stored_multiset(settings), replayed
+
+    stored, replayed = asyncio.run(replay())
+    total = sum(stored.values())
+    # Everything reported durable is there; the rows are exactly the first `total` the child
+    # made, so nothing is missing in between and nothing is there twice.
+    assert total >= durable
+    assert replayed >= 1_500
+    assert stored == expected(QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=seed).take(total))
+    assert not list(tmp_path.glob("*/*/*.seg"))
+
+
+async def test_a_torn_last_spool_record_is_reported_and_the_rest_replayed(
+    pg: TemporaryPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = writer_settings(pg)
+    groups = [QuoteWalk(seed=30 + i).take(300) for i in range(3)]
+    spool_root = tmp_path / target_dirname(settings.host, settings.port, settings.name)
+    with Spool(spool_root) as spool:
+        for group in groups:
+            spool.append(uuid.uuid4(), len(group), encode_copy_text([to_row(q) for q in group]))
+    (segment,) = spool_root.glob("*/*.seg")
+    last_record = len(encode_copy_text([to_row(q) for q in groups[2]])) + 12 + 28
+    with open(segment, "r+b") as fh:  # the crash came halfway through the last write
+        fh.truncate(segment.stat().st_size - last_record // 2)
+
+    caplog.set_level(logging.WARNING, logger="orderbook_store")
+    engine = create_engine(settings)
+    async with OrderbookRepository(engine, spool_dir=tmp_path) as repo:
+        await repo.flush(timeout_s=60)
+        stats = repo.stats()
+    await engine.dispose()
+
+    assert await stored_multiset(settings) == expected(groups[0]) + expected(groups[1])
+    assert stats.rows_replayed == 600
+    warnings = [r.getMessage() for r in caplog.records if "damaged record" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(segment) in warnings[0] and "torn" in warnings[0]
+    assert not list(spool_root.glob("*/*.seg"))
+
+
+async def test_close_with_the_server_down_leaves_rows_in_the_spool_for_the_next_start(
+    pg: TemporaryPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = writer_settings(pg)
+    pg.stop()
+    caplog.set_level(logging.INFO, logger="orderbook_store")
+    added = QuoteWalk(seed=40).take(1_000)
+    engine = create_engine(settings)
+    repo = OrderbookRepository(engine, spool_dir=tmp_path, flush_interval_s=0.05)
+    for quote in added:
+        await repo.add(quote)  # the server is down: add only buffers, it never waits
+    assert repo.stats().rows_added == 1_000
+    await repo.close(timeout_s=0.5)
+    await engine.dispose()
+    closing = [r.getMessage() for r in caplog.records if "writer closed" in r.getMessage()]
+    assert len(closing) == 1
+    assert "1000 row(s)" in closing[0] and "stay in the spool" in closing[0]
+
+    pg.start()
+    engine = create_engine(settings)
+    async with OrderbookRepository(engine, spool_dir=tmp_path) as repo:
+        await repo.flush(timeout_s=60)
+    await engine.dispose()
+    assert await stored_multiset(settings) == expected(added)
