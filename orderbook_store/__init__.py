@@ -12,6 +12,7 @@ from .engine import create_engine
 from .errors import ConfigError, DatabaseUnavailable, InvalidQuote, OrderbookStoreError
 from .repository import OrderbookRepository
 from .settings import Settings
+from .sync import connect as connect
 
 __all__ = [
     "ConfigError",

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orderbook_store.sync import OrderbookStore, connect
+from orderbook_store import connect
+from orderbook_store.sync import OrderbookStore
 
 T0 = 1582329600000000
 DAY = 86_400_000_000
