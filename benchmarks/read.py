@@ -10,7 +10,8 @@ rows (BTCUSDT, the whole range) and reports seconds, rows/s and the ratio to the
 4. ``repo.quotes(output="pandas" | "polars" | "numpy")``, and the sync facade;
 5. ``psql \\copy (the reader's query) TO '/dev/null'``: the server's own ceiling.
 
-Then the memory of ``iter_quotes`` against one whole ``quotes()`` (peak RSS added).
+Then the memory of ``iter_quotes`` against one whole ``quotes()`` (peak RSS added, each in a
+fresh process).
 
 The server is found as the tests find it: ``TEST_DATABASE_URL``, else 127.0.0.1:5432, else a
 private embedded PostgreSQL. The benchmark creates its own database and drops it at the end.
@@ -29,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -174,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=2, help="best of N (read_sql plain: 1)")
+    parser.add_argument("--memory-child", choices=["stream", "whole"], help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.url, args.memory_child)
+        return
     import connectorx as cx
 
     with server() as (server_url, where), bench_database(server_url) as url:
@@ -242,39 +249,52 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{cx_time / ours:.2f}x connectorx, "
             f"{results[CEILING] / ours:.2f} of the ceiling"
         )
-        memory_lines(store)
         store.close()
+        memory_lines(url)
 
 
-def memory_lines(store: object) -> None:
-    """Peak RSS added by iter_quotes (100k-row chunks) vs one whole quotes() frame."""
+def memory_child(url: str, mode: str) -> None:
+    """In a fresh process: peak RSS added by streaming vs by one whole frame."""
+    store = connect(Settings(database_url=url, pool_size=2))
+    store.quotes(SYMBOL, T0, T0 + 1_000)  # imports, pool and codecs warmed up first
+    gc.collect()
     process = psutil.Process()
+    base = process.memory_info().rss
+    # ru_maxrss survives exec (it would show the parent's peak): sample RSS instead.
+    peak = base
+    done = threading.Event()
 
-    def peak_of(work: Callable[[Callable[[], None]], None]) -> float:
-        gc.collect()
-        base = process.memory_info().rss
-        peak = [base]
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, process.memory_info().rss)
 
-        def sample() -> None:
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-        work(sample)
-        sample()
-        return (peak[0] - base) / 2**20
-
-    def streamed(sample: Callable[[], None]) -> None:
-        for chunk in store.iter_quotes(SYMBOL, T0, T0 + 10**13, chunk_rows=100_000):  # type: ignore[attr-defined]
-            sample()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if mode == "stream":
+        for chunk in store.iter_quotes(SYMBOL, T0, END, chunk_rows=100_000):
             del chunk
-
-    def whole(sample: Callable[[], None]) -> None:
-        frame = store.quotes(SYMBOL, T0, T0 + 10**13)  # type: ignore[attr-defined]
-        sample()
+    else:
+        frame = store.quotes(SYMBOL, T0, END)
         del frame
+    done.set()
+    sampler.join()
+    store.close()
+    print(f"{(peak - base) / 2**20:.0f}")
 
+
+def memory_lines(url: str) -> None:
+    """Peak RSS added by iter_quotes (100k-row chunks) vs one whole quotes() frame."""
+    added = {}
+    for mode in ("stream", "whole"):
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.read", "--memory-child", mode, "--url", url],
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        added[mode] = out.stdout.strip().splitlines()[-1]
     print(
-        f"  iter_quotes(chunk_rows=100_000): peak RSS +{peak_of(streamed):.0f} MB;"
-        f" one quotes() frame: +{peak_of(whole):.0f} MB"
+        f"  iter_quotes(chunk_rows=100_000) of the 1M rows: peak RSS +{added['stream']} MB;"
+        f" one quotes() frame of them: +{added['whole']} MB"
     )
 
 
