@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     pgbouncer: bool | None = None
     read_url: SecretStr | None = None
     read_host: str | None = None
+    read_max_lag_s: float = Field(30.0, gt=0)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -178,6 +179,9 @@ class Settings(BaseSettings):
         cluster's CA file); ``require`` encrypts without verifying, as libpq does.
         """
         mode = self.sslmode
+        if mode == "require" and self.sslrootcert is not None:
+            # libpq: given a root certificate, ``require`` verifies the chain as verify-ca does.
+            mode = "verify-ca"
         if mode not in ("verify-ca", "verify-full"):
             return mode
         cafile = self.sslrootcert

@@ -1,0 +1,110 @@
+"""Operator commands: ``orderbook-store doctor`` and ``orderbook-store roles --print-sql``.
+
+``register(app)`` adds both to the main ``orderbook-store`` Typer app; ``python -m
+orderbook_store.cli_ops`` runs them on their own. Both read the same ``Settings`` as the
+library and never print the password.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from .doctor import Report
+from .doctor import run as run_doctor
+from .errors import OrderbookStoreError
+from .roles import RoleNames, roles_sql
+from .settings import Settings
+
+_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for machines.")]
+PrintSql = Annotated[
+    bool, typer.Option("--print-sql", help="Print the idempotent SQL script (run it with psql).")
+]
+OwnerName = Annotated[str, typer.Option(help="Role that owns the tables and runs migrations.")]
+WriterName = Annotated[str, typer.Option(help="Role the collectors write as.")]
+ReaderName = Annotated[str, typer.Option(help="Role for read-only access.")]
+SchemaName = Annotated[str, typer.Option(help="Schema holding the tables.")]
+
+
+def doctor(json_output: JsonFlag = False) -> None:
+    """Check connectivity, TLS, server settings, migrations, table, spool and clock.
+
+    Exits 1 when any check fails (a warning alone exits 0).
+    """
+    report = run_doctor(Settings())
+    if json_output:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_table(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_table(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"orderbook-store doctor: {report.target}", title_justify="left")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("value")
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        style = _STYLE[check.status]
+        table.add_row(check.name, f"[{style}]{check.status}[/]", check.value, check.detail)
+    console = Console()
+    # Values come from the server and the file system: never let them be read as markup.
+    console.print(table)
+    verdict = "all good" if report.ok else "something is wrong (see the failed checks)"
+    console.print(verdict, style=None if report.ok else "bold red", markup=False)
+
+
+def roles(
+    print_sql: PrintSql = False,
+    owner: OwnerName = "orderbook_owner",
+    writer: WriterName = "orderbook_writer",
+    reader: ReaderName = "orderbook_reader",
+    schema: SchemaName = "public",
+) -> None:
+    """SQL creating a migration owner, a writer (INSERT only) and a reader (SELECT only)."""
+    if not print_sql:
+        typer.echo(
+            "nothing done: `orderbook-store roles --print-sql | psql ...` prints the script "
+            "for an administrator to run",
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.echo(roles_sql(RoleNames(owner=owner, writer=writer, reader=reader), schema), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``doctor`` and ``roles`` to ``app`` (the ``orderbook-store`` command)."""
+    app.command("doctor")(doctor)
+    app.command("roles")(roles)
+
+
+app = typer.Typer(
+    help="Operator commands: doctor, roles.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+register(app)
+
+
+def main() -> None:
+    """Run these commands on their own: one line on stderr and exit 1 for any error of ours."""
+    try:
+        app()
+    except OrderbookStoreError as exc:
+        typer.echo(f"orderbook-store: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
