@@ -48,6 +48,10 @@ class OrderbookData(Base):
 
     ``timestamp`` is the exchange's event time and ``local_timestamp`` the collector's receive
     time, both integer microseconds since the Unix epoch, UTC.
+
+    Since revision 0004 the table is range-partitioned on ``timestamp`` (see ``partitions``);
+    PostgreSQL requires the partition key in the primary key, hence ``(id, timestamp)``. Ids
+    still come from the one sequence, so ``id`` alone stays unique in practice.
     """
 
     __tablename__ = "orderbook_data"
@@ -57,7 +61,7 @@ class OrderbookData(Base):
         String(50), nullable=False, server_default=text("'binance-futures'::character varying")
     )
     symbol: Mapped[str] = mapped_column(String(20), nullable=False)
-    timestamp: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    timestamp: Mapped[int] = mapped_column(BigInteger, primary_key=True, nullable=False)
     local_timestamp: Mapped[int] = mapped_column(BigInteger, nullable=False)
     ask_amount: Mapped[Decimal | None] = mapped_column(PRICE)
     ask_price: Mapped[Decimal | None] = mapped_column(PRICE)
@@ -71,6 +75,7 @@ class OrderbookData(Base):
         Index("idx_orderbook_symbol_timestamp", "symbol", "timestamp"),
         Index("idx_orderbook_created_at", "created_at"),
         Index("idx_orderbook_symbol", "symbol"),
+        {"postgresql_partition_by": "RANGE (timestamp)"},
     )
 
 

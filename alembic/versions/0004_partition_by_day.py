@@ -1,0 +1,227 @@
+"""orderbook_data partitioned by range of timestamp: daily (or weekly/monthly) partitions
+
+The table becomes ``PARTITION BY RANGE (timestamp)`` (integer microseconds, UTC) without
+rewriting a row:
+
+1. the old table is renamed ``orderbook_data_history``; its indexes are renamed
+   (``idx_orderbook_symbol_history``, ...) so the parent can take their names; its primary key ``(id)`` is replaced by one on ``(id, timestamp)`` (the only
+   index built, PostgreSQL requires the partition key in every unique key);
+2. a ``CHECK`` on the period-aligned range of its timestamps is added ``NOT VALID`` then
+   validated (one read-only scan), so ``ATTACH PARTITION`` finds the range already proven and
+   skips its own scan;
+3. the partitioned parent takes the old name, the columns, the ``id`` sequence (ids continue),
+   the primary key ``(id, timestamp)`` and the three index names; the old table is attached as
+   the one historical partition (its existing indexes are adopted, not rebuilt), partitions for
+   the current period and the next seven are created, and a ``DEFAULT`` partition catches rows
+   outside every range, so a writer never fails for a missing partition.
+
+The historical partition's range is aligned to whole periods, so rows later written into it
+(the rest of the day the upgrade ran, or late data for an old day) are routed there, as they
+belong. An empty table is simply replaced.
+
+The period comes from ``alembic -x period=week`` or ``DB_PARTITION_PERIOD`` (``day``, ``week``
+or ``month``; default ``day``), read at upgrade time. Writers are blocked (not failed) while
+the upgrade holds the table's lock; the primary key index build dominates its duration.
+
+The downgrade copies every row, with its id, back into a plain table of exactly revision
+0001's shape.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import context, op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+#: period name -> (date_trunc unit, interval of one period)
+PERIODS = {"day": ("day", "1 day"), "week": ("week", "7 days"), "month": ("month", "1 month")}
+
+#: How many periods after the current one get a partition at upgrade time.
+AHEAD = 7
+
+INDEXES = {
+    "idx_orderbook_symbol_timestamp": ("symbol", "timestamp"),
+    "idx_orderbook_created_at": ("created_at",),
+    "idx_orderbook_symbol": ("symbol",),
+}
+
+
+def _period() -> tuple[str, str]:
+    """The partition period chosen for this upgrade: ``-x period=...``, then the environment."""
+    chosen = (
+        context.get_x_argument(as_dictionary=True).get("period")
+        or os.environ.get("DB_PARTITION_PERIOD")
+        or "day"
+    ).lower()
+    if chosen not in PERIODS:
+        raise ValueError(
+            f"partition period {chosen!r} (alembic -x period=... or DB_PARTITION_PERIOD) "
+            f"must be one of {', '.join(PERIODS)}"
+        )
+    return PERIODS[chosen]
+
+
+def _columns(id_default: str) -> list[sa.Column[object]]:
+    return [
+        sa.Column("id", sa.BigInteger(), nullable=False, server_default=sa.text(id_default)),
+        sa.Column(
+            "exchange",
+            sa.String(50),
+            nullable=False,
+            server_default=sa.text("'binance-futures'::character varying"),
+        ),
+        sa.Column("symbol", sa.String(20), nullable=False),
+        sa.Column("timestamp", sa.BigInteger(), nullable=False),
+        sa.Column("local_timestamp", sa.BigInteger(), nullable=False),
+        sa.Column("ask_amount", sa.Numeric(20, 8)),
+        sa.Column("ask_price", sa.Numeric(20, 8)),
+        sa.Column("bid_price", sa.Numeric(20, 8)),
+        sa.Column("bid_amount", sa.Numeric(20, 8)),
+        sa.Column("created_at", sa.DateTime(), server_default=sa.text("CURRENT_TIMESTAMP")),
+    ]
+
+
+NEXTVAL = "nextval('orderbook_data_id_seq'::regclass)"
+
+# Microseconds <-> UTC timestamps, exactly (integer interval arithmetic, numeric epoch).
+TS = "('epoch'::timestamp + ({0}) * interval '1 microsecond')"
+US = "(extract(epoch FROM ({0})) * 1000000)::bigint"
+
+
+#: Names each partition's copy of a parent index ``<parent index>_<partition suffix>``
+#: (``idx_orderbook_symbol_timestamp_p20240101``), so plans read like the plain table's.
+TIDY_INDEX_NAMES = """
+DO $names$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT child.relname AS child,
+               left(parent.relname || '_' || regexp_replace(t.relname, '^orderbook_data_', ''), 63)
+                   AS wanted
+        FROM pg_inherits h
+        JOIN pg_class child ON child.oid = h.inhrelid
+        JOIN pg_class parent ON parent.oid = h.inhparent
+        JOIN pg_index x ON x.indexrelid = child.oid
+        JOIN pg_class t ON t.oid = x.indrelid
+        WHERE parent.relname IN (
+            'idx_orderbook_symbol_timestamp', 'idx_orderbook_created_at', 'idx_orderbook_symbol')
+    LOOP
+        IF r.child <> r.wanted THEN
+            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
+        END IF;
+    END LOOP;
+END
+$names$
+"""
+
+
+def upgrade() -> None:
+    unit, step = _period()
+    op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
+    op.execute("ALTER TABLE orderbook_data RENAME TO orderbook_data_history")
+    for name in INDEXES:
+        op.execute(f"ALTER INDEX {name} RENAME TO {name}_history")
+    op.execute("ALTER TABLE orderbook_data_history DROP CONSTRAINT orderbook_data_pkey")
+    op.execute(
+        'CREATE UNIQUE INDEX orderbook_data_history_pkey ON orderbook_data_history (id, "timestamp")'
+    )
+    op.execute(
+        "ALTER TABLE orderbook_data_history ADD CONSTRAINT orderbook_data_history_pkey "
+        "PRIMARY KEY USING INDEX orderbook_data_history_pkey"
+    )
+
+    op.create_table(
+        "orderbook_data",
+        *_columns(NEXTVAL),
+        sa.PrimaryKeyConstraint("id", "timestamp", name="orderbook_data_pkey"),
+        postgresql_partition_by="RANGE (timestamp)",
+    )
+    op.execute("ALTER SEQUENCE orderbook_data_id_seq OWNED BY orderbook_data.id")
+    for name, columns in INDEXES.items():
+        op.create_index(name, "orderbook_data", list(columns))
+
+    lo_ts = TS.format("lo")
+    hi_ts = TS.format("hi")
+    op.execute(
+        f"""
+DO $partition$
+DECLARE
+    lo bigint;
+    hi bigint;
+    period_start timestamp;
+    a bigint;
+    b bigint;
+BEGIN
+    -- Bounds of the stored timestamps, one index probe pair per symbol (no full scan).
+    WITH RECURSIVE symbols(symbol) AS (
+        (SELECT symbol FROM orderbook_data_history ORDER BY symbol LIMIT 1)
+        UNION ALL
+        SELECT (SELECT h.symbol FROM orderbook_data_history h
+                WHERE h.symbol > s.symbol ORDER BY h.symbol LIMIT 1)
+        FROM symbols s WHERE s.symbol IS NOT NULL
+    )
+    SELECT min(r.lo), max(r.hi) INTO lo, hi
+    FROM symbols s
+    CROSS JOIN LATERAL (
+        SELECT min(h."timestamp") AS lo, max(h."timestamp") AS hi
+        FROM orderbook_data_history h WHERE h.symbol = s.symbol
+    ) r
+    WHERE s.symbol IS NOT NULL;
+
+    IF lo IS NULL THEN
+        DROP TABLE orderbook_data_history;
+    ELSE
+        lo := {US.format(f"date_trunc('{unit}', {lo_ts})")};
+        hi := {US.format(f"date_trunc('{unit}', {hi_ts}) + interval '{step}'")};
+        EXECUTE format(
+            'ALTER TABLE orderbook_data_history ADD CONSTRAINT orderbook_data_history_range '
+            'CHECK ("timestamp" >= %s AND "timestamp" < %s) NOT VALID', lo, hi);
+        ALTER TABLE orderbook_data_history VALIDATE CONSTRAINT orderbook_data_history_range;
+        EXECUTE format(
+            'ALTER TABLE orderbook_data ATTACH PARTITION orderbook_data_history '
+            'FOR VALUES FROM (%s) TO (%s)', lo, hi);
+        ALTER TABLE orderbook_data_history DROP CONSTRAINT orderbook_data_history_range;
+    END IF;
+
+    period_start := date_trunc('{unit}', now() AT TIME ZONE 'UTC');
+    FOR i IN 0..{AHEAD} LOOP
+        a := {US.format("period_start")};
+        b := {US.format(f"period_start + interval '{step}'")};
+        IF lo IS NULL OR b <= lo OR a >= hi THEN
+            EXECUTE format(
+                'CREATE TABLE %I PARTITION OF orderbook_data FOR VALUES FROM (%s) TO (%s)',
+                'orderbook_data_p' || to_char(period_start, 'YYYYMMDD'), a, b);
+        END IF;
+        period_start := period_start + interval '{step}';
+    END LOOP;
+END
+$partition$
+"""
+    )
+    op.execute("CREATE TABLE orderbook_data_default PARTITION OF orderbook_data DEFAULT")
+    op.execute(TIDY_INDEX_NAMES)
+
+
+def downgrade() -> None:
+    op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
+    op.create_table("orderbook_data_plain", *_columns(NEXTVAL))
+    op.execute("ALTER SEQUENCE orderbook_data_id_seq OWNED BY orderbook_data_plain.id")
+    columns = ", ".join(f'"{c.name}"' for c in _columns(NEXTVAL))
+    op.execute(f"INSERT INTO orderbook_data_plain ({columns}) SELECT {columns} FROM orderbook_data")
+    op.drop_table("orderbook_data")
+    op.rename_table("orderbook_data_plain", "orderbook_data")
+    op.create_primary_key("orderbook_data_pkey", "orderbook_data", ["id"])
+    for name, index_columns in INDEXES.items():
+        op.create_index(name, "orderbook_data", list(index_columns))

@@ -1,0 +1,171 @@
+"""``orderbook-store partitions ...``: keep partitions ahead of time, list them, prune old ones.
+
+Each command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``)
+and does its work through ``orderbook_store.partitions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import partitions
+from .engine import create_engine
+from .errors import ConfigError
+from .settings import Settings
+
+app = typer.Typer(
+    help="Manage orderbook_data's date partitions: ensure, list, prune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+_AGE = re.compile(r"^\s*(\d+)\s*([dwh])\s*$")
+_AGE_UNITS = {"d": "days", "w": "weeks", "h": "hours"}
+
+
+def parse_age(value: str) -> dt.timedelta:
+    """``90d``, ``12w`` or ``36h`` as a ``timedelta``; ``ConfigError`` otherwise."""
+    match = _AGE.match(value)
+    if match is None:
+        raise ConfigError(f"--older-than={value!r}: write an age like 90d, 12w or 36h")
+    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    async def main() -> T:
+        engine = create_engine(Settings())
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _size(size_bytes: int) -> str:
+    value = float(size_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"  # pragma: no cover
+
+
+def _day(moment: dt.datetime | None) -> str:
+    if moment is None:
+        return "-"
+    if moment.time() == dt.time(0):
+        return moment.date().isoformat()
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command()
+def ensure(
+    ahead: Annotated[
+        int, typer.Option(help="Periods after the current one that must have a partition.")
+    ] = 7,
+    period: Annotated[
+        str | None,
+        typer.Option(help="day, week or month (default: the period the table already uses)."),
+    ] = None,
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(help="Give up after waiting this many seconds for the table lock."),
+    ] = None,
+) -> None:
+    """Create the next partitions and move rows out of the default partition (idempotent)."""
+    result = _run(
+        lambda engine: partitions.ensure(engine, ahead, period=period, lock_timeout_s=lock_timeout)
+    )
+    for name in result.created:
+        typer.echo(f"created {name}")
+    if result.moved_rows:
+        typer.echo(f"moved {result.moved_rows} rows out of {partitions.DEFAULT_PARTITION}")
+    typer.echo(
+        f"partitions ready ({result.period}ly, {ahead} ahead): "
+        f"{len(result.created)} created, {result.moved_rows} rows moved"
+    )
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Show every partition: name, date range, estimated rows, size on disk."""
+    found = _run(partitions.list_partitions)
+    if as_json:
+        for part in found:
+            typer.echo(
+                json.dumps(
+                    {
+                        "name": part.name,
+                        "start": part.start.isoformat() if part.start else None,
+                        "end": part.end.isoformat() if part.end else None,
+                        "start_us": part.start_us,
+                        "end_us": part.end_us,
+                        "estimated_rows": part.estimated_rows,
+                        "size_bytes": part.size_bytes,
+                    }
+                )
+            )
+        return
+    table = Table("partition", "from (UTC)", "to (UTC, exclusive)", "rows (est.)", "size")
+    for part in found:
+        rows = "-" if part.estimated_rows is None else f"{part.estimated_rows:,}"
+        table.add_row(
+            part.name,
+            "default" if part.is_default else _day(part.start),
+            "" if part.is_default else _day(part.end),
+            rows,
+            _size(part.size_bytes),
+        )
+    Console().print(table)
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of the partitions to drop: 90d, 12w, 36h.")
+    ],
+    archive: Annotated[
+        Path | None,
+        typer.Option(help="Write each partition to Parquet here first (checked, then dropped)."),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Drop without an archive: the rows are gone for good.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+) -> None:
+    """Drop partitions wholly older than --older-than, archiving them to Parquet first."""
+    age = parse_age(older_than)
+    if dry_run:
+        for part in _run(lambda engine: partitions.prunable(engine, age)):
+            typer.echo(f"would drop {part.name} ({_day(part.start)} .. {_day(part.end)})")
+        return
+    if archive is None and not yes:
+        typer.echo(
+            "orderbook-store: prune without --archive deletes rows for good; "
+            "pass --archive DIR or --yes",
+            err=True,
+        )
+        raise typer.Exit(2)
+    result = _run(lambda engine: partitions.prune(engine, age, archive, confirm=yes))
+    for name in result.dropped:
+        typer.echo(f"dropped {name}")
+    for path in result.files:
+        typer.echo(f"archived {path}")
+    typer.echo(f"{len(result.dropped)} partitions dropped, {result.rows} rows")

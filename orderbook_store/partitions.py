@@ -1,0 +1,573 @@
+"""Partition maintenance for ``orderbook_data`` (range partitions on the µs ``timestamp``).
+
+Revision 0004 makes the table ``PARTITION BY RANGE (timestamp)`` with one partition per day
+(or week, or month), a historical partition holding the rows that existed before, and a
+``DEFAULT`` partition that takes any row no range covers, so writers never fail for a missing
+partition. This module keeps it that way:
+
+* ``ensure(engine, ahead=N)`` creates the partitions of the current period and the next ``N``,
+  and moves rows that landed in the default partition into partitions of their own periods;
+* ``list_partitions(engine)`` says what exists: name, range, estimated rows, size on disk;
+* ``prune(engine, older_than, archive_dir=...)`` detaches partitions wholly older than the
+  cutoff, exports them to Parquet, checks the file holds every row, then drops them.
+
+Boundaries are whole UTC periods (weeks start on Monday, like ``date_trunc('week')``).
+Maintenance runs take a transaction-scoped advisory lock, so two deploys or collectors running
+``ensure`` at once simply take turns. Creating a partition or moving rows takes the table's
+``ACCESS EXCLUSIVE`` lock for the short moment it needs: writers wait (they do not fail), and
+nothing is locked when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .errors import ConfigError, OrderbookStoreError
+from .models import OrderbookData
+
+Period = Literal["day", "week", "month"]
+PERIODS: tuple[str, ...] = get_args(Period)
+
+TABLE = OrderbookData.__tablename__
+DEFAULT_PARTITION = f"{TABLE}_default"
+
+#: Key of the advisory lock every maintenance run holds for its transaction.
+ADVISORY_LOCK_KEY = 0x0B5_9A27  # "orderbook_store partitions"
+
+US_PER_DAY = 86_400_000_000
+EPOCH = dt.date(1970, 1, 1)
+
+#: Every column, in table order (what a move or an export carries).
+COLUMNS: tuple[str, ...] = tuple(c.name for c in OrderbookData.__table__.columns)
+
+#: Names each partition's copy of a parent index ``<parent index>_<partition suffix>``
+#: (``idx_orderbook_symbol_timestamp_p20240101``), so plans read like the plain table's.
+#: Revision 0004 runs the same statement.
+TIDY_INDEX_NAMES = """
+DO $names$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT child.relname AS child,
+               left(parent.relname || '_' || regexp_replace(t.relname, '^orderbook_data_', ''), 63)
+                   AS wanted
+        FROM pg_inherits h
+        JOIN pg_class child ON child.oid = h.inhrelid
+        JOIN pg_class parent ON parent.oid = h.inhparent
+        JOIN pg_index x ON x.indexrelid = child.oid
+        JOIN pg_class t ON t.oid = x.indrelid
+        WHERE parent.relname IN (
+            'idx_orderbook_symbol_timestamp', 'idx_orderbook_created_at', 'idx_orderbook_symbol')
+    LOOP
+        IF r.child <> r.wanted THEN
+            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
+        END IF;
+    END LOOP;
+END
+$names$
+"""
+
+_BOUND = re.compile(r"FROM \('(-?\d+)'\) TO \('(-?\d+)'\)")
+
+
+class PartitionError(OrderbookStoreError):
+    """A partition maintenance step could not be done; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """One partition of ``orderbook_data``.
+
+    ``start_us``/``end_us`` bound its range ``[start, end)`` in µs (``None`` for the default
+    partition). ``estimated_rows`` is the planner's estimate (``None`` before the first
+    ``ANALYZE``); ``size_bytes`` counts the heap and its indexes.
+    """
+
+    name: str
+    start_us: int | None
+    end_us: int | None
+    estimated_rows: int | None
+    size_bytes: int
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the partition for rows outside every range."""
+        return self.start_us is None and self.end_us is None and self.name == DEFAULT_PARTITION
+
+    @property
+    def start(self) -> dt.datetime | None:
+        """Start of the range as an aware UTC datetime."""
+        return None if self.start_us is None else from_us(self.start_us)
+
+    @property
+    def end(self) -> dt.datetime | None:
+        """End of the range (exclusive) as an aware UTC datetime."""
+        return None if self.end_us is None else from_us(self.end_us)
+
+
+@dataclass
+class EnsureResult:
+    """What ``ensure`` did: partitions created (names) and rows moved out of the default."""
+
+    period: Period
+    created: list[str] = field(default_factory=list)
+    moved_rows: int = 0
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: partitions dropped, rows they held, Parquet files written."""
+
+    dropped: list[str] = field(default_factory=list)
+    rows: int = 0
+    files: list[Path] = field(default_factory=list)
+
+
+# -- time arithmetic --------------------------------------------------------------------------
+
+
+def to_us(day: dt.date) -> int:
+    """Microseconds since the epoch at 00:00 UTC of ``day``."""
+    return (day - EPOCH).days * US_PER_DAY
+
+
+def from_us(timestamp_us: int) -> dt.datetime:
+    """An aware UTC datetime for µs since the epoch."""
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=timestamp_us)
+
+
+def day_of(timestamp_us: int) -> dt.date:
+    """The UTC date a µs timestamp falls on."""
+    return EPOCH + dt.timedelta(days=timestamp_us // US_PER_DAY)
+
+
+def period_start(day: dt.date, period: Period) -> dt.date:
+    """First day of the period containing ``day`` (weeks start on Monday)."""
+    if period == "day":
+        return day
+    if period == "week":
+        return day - dt.timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def next_period(start: dt.date, period: Period) -> dt.date:
+    """First day of the period after the one starting at ``start``."""
+    if period == "day":
+        return start + dt.timedelta(days=1)
+    if period == "week":
+        return start + dt.timedelta(days=7)
+    return (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+
+
+def check_period(period: str) -> Period:
+    """``period`` as a ``Period``, or ``ConfigError`` naming the choices."""
+    if period not in PERIODS:
+        raise ConfigError(f"partition period {period!r}: must be one of {', '.join(PERIODS)}")
+    return period  # type: ignore[return-value]
+
+
+def _period_of(start_us: int, end_us: int) -> Period | None:
+    """The period a partition's range spans exactly, if it is one whole aligned period."""
+    if start_us % US_PER_DAY or end_us % US_PER_DAY:
+        return None
+    start, end = day_of(start_us), day_of(end_us)
+    for period in get_args(Period):
+        if period_start(start, period) == start and next_period(start, period) == end:
+            return period  # type: ignore[no-any-return]
+    return None
+
+
+def infer_period(partitions: Sequence[PartitionInfo]) -> Period:
+    """The period of the newest partition spanning exactly one period (``day`` when none does)."""
+    ranged = [p for p in partitions if p.start_us is not None and p.end_us is not None]
+    for part in sorted(ranged, key=lambda p: p.end_us or 0, reverse=True):
+        found = _period_of(part.start_us or 0, part.end_us or 0)
+        if found is not None:
+            return found
+    return "day"
+
+
+def _gaps(start_us: int, end_us: int, taken: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of ``[start_us, end_us)`` that no range in ``taken`` covers."""
+    gaps: list[tuple[int, int]] = []
+    cursor = start_us
+    for lo, hi in sorted(taken):
+        if hi <= cursor or lo >= end_us:
+            continue
+        if lo > cursor:
+            gaps.append((cursor, lo))
+        cursor = max(cursor, hi)
+        if cursor >= end_us:
+            break
+    if cursor < end_us:
+        gaps.append((cursor, end_us))
+    return gaps
+
+
+# -- catalog ----------------------------------------------------------------------------------
+
+
+async def _partitions(conn: AsyncConnection, *, sizes: bool = True) -> list[PartitionInfo]:
+    is_partitioned = (
+        await conn.execute(
+            text("SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = to_regclass(:table)"),
+            {"table": TABLE},
+        )
+    ).scalar()
+    if not is_partitioned:
+        raise PartitionError(
+            f"{TABLE} is not partitioned: bring the schema to head first "
+            "(orderbook-store upgrade, or alembic upgrade head)"
+        )
+    rows = await conn.execute(
+        text(
+            """
+            SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound,
+                   c.reltuples::bigint AS reltuples,
+                   CASE WHEN :sizes THEN pg_total_relation_size(c.oid) ELSE 0 END AS size
+            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = to_regclass(:table)
+            """
+        ),
+        {"table": TABLE, "sizes": sizes},
+    )
+    found: list[PartitionInfo] = []
+    for name, bound, reltuples, size in rows:
+        match = _BOUND.search(bound or "")
+        found.append(
+            PartitionInfo(
+                name=name,
+                start_us=int(match.group(1)) if match else None,
+                end_us=int(match.group(2)) if match else None,
+                estimated_rows=None if reltuples < 0 else int(reltuples),
+                size_bytes=int(size),
+            )
+        )
+    found.sort(key=lambda p: (p.start_us is None, p.start_us or 0, p.name))
+    return found
+
+
+async def list_partitions(engine: AsyncEngine) -> list[PartitionInfo]:
+    """Every partition of ``orderbook_data``, ordered by range, the default partition last.
+
+    Reads the catalog only (estimates, not counts): cheap at any size. Raises
+    ``PartitionError`` when the table is not partitioned (schema older than revision 0004).
+    """
+    async with engine.connect() as conn:
+        return await _partitions(conn)
+
+
+# -- ensure -----------------------------------------------------------------------------------
+
+
+async def _default_days(conn: AsyncConnection) -> list[dt.date]:
+    result = await conn.execute(
+        text(
+            f'SELECT DISTINCT floor("timestamp" / {US_PER_DAY}.0)::bigint '
+            f"FROM ONLY {DEFAULT_PARTITION}"
+        )
+    )
+    return [EPOCH + dt.timedelta(days=int(days)) for (days,) in result]
+
+
+async def _has_default(conn: AsyncConnection) -> bool:
+    found = await conn.execute(
+        text("SELECT to_regclass(:name) IS NOT NULL"), {"name": DEFAULT_PARTITION}
+    )
+    return bool(found.scalar())
+
+
+def _plan(
+    partitions: Sequence[PartitionInfo],
+    period: Period,
+    today: dt.date,
+    ahead: int,
+    default_days: Sequence[dt.date],
+) -> list[tuple[int, int]]:
+    """Ranges to create: wanted periods (upcoming ones and those of default rows) not yet taken."""
+    starts: set[dt.date] = set()
+    start = period_start(today, period)
+    for _ in range(ahead + 1):
+        starts.add(start)
+        start = next_period(start, period)
+    starts.update(period_start(day, period) for day in default_days)
+    taken = [
+        (p.start_us, p.end_us)
+        for p in partitions
+        if p.start_us is not None and p.end_us is not None
+    ]
+    ranges: list[tuple[int, int]] = []
+    for start in sorted(starts):
+        ranges.extend(_gaps(to_us(start), to_us(next_period(start, period)), taken))
+    return ranges
+
+
+def _partition_name(start_us: int, end_us: int, existing: set[str]) -> str:
+    name = f"{TABLE}_p{from_us(start_us):%Y%m%d}"
+    if name in existing or start_us % US_PER_DAY:
+        name = f"{TABLE}_p{from_us(start_us):%Y%m%d%H%M%S}_{from_us(end_us):%Y%m%d%H%M%S}"
+    return name
+
+
+async def ensure(
+    engine: AsyncEngine,
+    ahead: int = 7,
+    *,
+    period: Period | str | None = None,
+    today: dt.date | None = None,
+    lock_timeout_s: float | None = None,
+) -> EnsureResult:
+    """Create the partitions of the current period and the next ``ahead``; rehome default rows.
+
+    Idempotent: a second run finds nothing to do and takes no table lock. Rows in the default
+    partition are moved, ids unchanged, into new partitions for their periods, in the same
+    transaction that creates them. ``period`` defaults to the period of the newest partition
+    (that is, what the upgrade chose). ``today`` (UTC) is for tests and backfills.
+    ``lock_timeout_s`` bounds the wait for the table lock (``PartitionError`` past it), so a
+    long reader never leaves writers queued behind this run.
+    """
+    if ahead < 0:
+        raise ConfigError(f"ahead={ahead}: must be 0 or more periods")
+    today = today if today is not None else dt.datetime.now(dt.timezone.utc).date()
+    async with engine.begin() as conn:
+        if lock_timeout_s is not None:
+            await conn.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"))
+        await _locked(conn, f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})", lock_timeout_s)
+        partitions = await _partitions(conn, sizes=False)
+        chosen = check_period(period) if period is not None else infer_period(partitions)
+        result = EnsureResult(period=chosen)
+        has_default = await _has_default(conn)
+        default_days = await _default_days(conn) if has_default else []
+        if not _plan(partitions, chosen, today, ahead, default_days):
+            return result
+
+        # Work to do: from here on, writers wait until commit (they never see a half state).
+        # ONLY: the parent's lock is what every insert and query through it needs first.
+        await _locked(conn, f"LOCK TABLE ONLY {TABLE} IN ACCESS EXCLUSIVE MODE", lock_timeout_s)
+        # Re-read under the lock: this is the truth now.
+        partitions = await _partitions(conn, sizes=False)
+        default_days = await _default_days(conn) if has_default else []
+        ranges = _plan(partitions, chosen, today, ahead, default_days)
+
+        columns = ", ".join(f'"{c}"' for c in COLUMNS)
+        moving = bool(default_days) and bool(ranges)
+        if moving:
+            await conn.execute(
+                text(f"CREATE TEMP TABLE orderbook_data_moving (LIKE {TABLE}) ON COMMIT DROP")
+            )
+            where = " OR ".join(
+                f'("timestamp" >= {lo} AND "timestamp" < {hi})' for lo, hi in ranges
+            )
+            moved = await conn.execute(
+                text(
+                    f"WITH moved AS (DELETE FROM ONLY {DEFAULT_PARTITION} WHERE {where} "
+                    f"RETURNING {columns}) "
+                    f"INSERT INTO orderbook_data_moving ({columns}) SELECT {columns} FROM moved"
+                )
+            )
+            result.moved_rows = moved.rowcount or 0
+        names = {p.name for p in partitions}
+        for lo, hi in ranges:
+            name = _partition_name(lo, hi, names)
+            names.add(name)
+            await conn.execute(
+                text(f'CREATE TABLE "{name}" PARTITION OF {TABLE} FOR VALUES FROM ({lo}) TO ({hi})')
+            )
+            result.created.append(name)
+        await conn.execute(text(TIDY_INDEX_NAMES))
+        if moving and result.moved_rows:
+            await conn.execute(
+                text(f"INSERT INTO {TABLE} ({columns}) SELECT {columns} FROM orderbook_data_moving")
+            )
+        return result
+
+
+async def _locked(conn: AsyncConnection, statement: str, lock_timeout_s: float | None) -> None:
+    """Run a locking statement; a lock timeout becomes a ``PartitionError`` saying what to do."""
+    try:
+        await conn.execute(text(statement))
+    except DBAPIError as exc:
+        if "lock timeout" not in str(exc):
+            raise
+        raise PartitionError(
+            f"{TABLE} stayed locked by other sessions for more than {lock_timeout_s} s; "
+            "nothing was changed, run ensure again later"
+        ) from None
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+
+def _cutoff_us(older_than: dt.timedelta | dt.datetime | dt.date, now: dt.datetime | None) -> int:
+    if isinstance(older_than, dt.timedelta):
+        moment = (now or dt.datetime.now(dt.timezone.utc)) - older_than
+    elif isinstance(older_than, dt.datetime):
+        moment = older_than
+    else:
+        return to_us(older_than)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return (moment - from_us(0)) // dt.timedelta(microseconds=1)
+
+
+async def prunable(
+    engine: AsyncEngine,
+    older_than: dt.timedelta | dt.datetime | dt.date,
+    *,
+    now: dt.datetime | None = None,
+) -> list[PartitionInfo]:
+    """Partitions whose whole range ends at or before the cutoff (what ``prune`` would drop)."""
+    cutoff = _cutoff_us(older_than, now)
+    return [p for p in await list_partitions(engine) if p.end_us is not None and p.end_us <= cutoff]
+
+
+async def prune(
+    engine: AsyncEngine,
+    older_than: dt.timedelta | dt.datetime | dt.date,
+    archive_dir: str | Path | None = None,
+    *,
+    confirm: bool = False,
+    now: dt.datetime | None = None,
+) -> PruneResult:
+    """Drop partitions wholly older than ``older_than`` (an age, or a UTC moment/date).
+
+    With ``archive_dir``, each partition is detached, written to
+    ``archive_dir/period_start=YYYY-MM-DD/<partition>.parquet`` (pyarrow), the file is read
+    back and must hold exactly the partition's row count (and id sum), and only then is the
+    partition dropped; if anything fails it is attached again and ``PartitionError`` says so.
+    Without ``archive_dir`` the rows are gone for good, so ``confirm=True`` is required.
+    A partition that still has rows newer than the cutoff (the historical one, say) stays.
+    Rows arriving later for a dropped range land in the default partition.
+    """
+    if archive_dir is None and not confirm:
+        raise PartitionError(
+            "prune without an archive deletes rows for good: pass an archive directory "
+            "(--archive DIR) or confirm (--yes)"
+        )
+    result = PruneResult()
+    for part in await prunable(engine, older_than, now=now):
+        assert part.start_us is not None and part.end_us is not None
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
+            )
+            await conn.execute(text(f'ALTER TABLE {TABLE} DETACH PARTITION "{part.name}"'))
+        try:
+            rows = await _count(engine, part.name)
+            if archive_dir is not None:
+                path = await _archive(engine, part, Path(archive_dir), rows)
+                result.files.append(path)
+        except BaseException as exc:
+            await _reattach(engine, part)
+            if isinstance(exc, PartitionError):
+                raise
+            raise PartitionError(
+                f"archiving {part.name} failed ({exc}); the partition is attached again, "
+                "nothing was dropped"
+            ) from exc
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP TABLE "{part.name}"'))
+        result.dropped.append(part.name)
+        result.rows += rows
+    return result
+
+
+async def _count(engine: AsyncEngine, name: str) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(text(f'SELECT count(*) FROM "{name}"'))).scalar_one())
+
+
+async def _reattach(engine: AsyncEngine, part: PartitionInfo) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                f'ALTER TABLE {TABLE} ATTACH PARTITION "{part.name}" '
+                f"FOR VALUES FROM ({part.start_us}) TO ({part.end_us})"
+            )
+        )
+
+
+def _arrow_schema() -> Any:
+    """The Parquet schema of an archive: the table's columns and types, decimals exact."""
+    import pyarrow as pa
+
+    price = pa.decimal128(20, 8)
+    return pa.schema(
+        [
+            ("id", pa.int64()),
+            ("exchange", pa.string()),
+            ("symbol", pa.string()),
+            ("timestamp", pa.int64()),
+            ("local_timestamp", pa.int64()),
+            ("ask_amount", price),
+            ("ask_price", price),
+            ("bid_price", price),
+            ("bid_amount", price),
+            ("created_at", pa.timestamp("us")),
+        ]
+    )
+
+
+async def _archive(engine: AsyncEngine, part: PartitionInfo, archive_dir: Path, rows: int) -> Path:
+    """Write a detached partition to Parquet and prove the file holds every row."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise PartitionError(
+            "archiving needs pyarrow: pip install 'orderbook_store[arrow]'"
+        ) from None
+    assert part.start_us is not None
+    folder = archive_dir / f"period_start={day_of(part.start_us).isoformat()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{part.name}.parquet"
+    serial = 0
+    while path.exists():
+        serial += 1
+        path = folder / f"{part.name}-{serial}.parquet"
+    partial = path.with_suffix(".parquet.partial")
+    schema = _arrow_schema()
+    columns = ", ".join(f'"{c}"' for c in COLUMNS)
+    written = 0
+    id_sum_db = 0
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        id_sum_db = int(await raw.fetchval(f'SELECT coalesce(sum(id), 0) FROM "{part.name}"'))
+        with pq.ParquetWriter(partial, schema) as writer:
+            async with raw.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await raw.cursor(
+                    f'SELECT {columns} FROM "{part.name}" ORDER BY "timestamp", id'
+                )
+                while True:
+                    chunk = await cursor.fetch(100_000)
+                    if not chunk:
+                        break
+                    arrays = [
+                        pa.array([record[i] for record in chunk], type=schema.field(i).type)
+                        for i in range(len(COLUMNS))
+                    ]
+                    writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                    written += len(chunk)
+    stored = pq.ParquetFile(partial)
+    stored_rows = stored.metadata.num_rows
+    id_sum_file = int(pc.sum(stored.read(columns=["id"]).column("id")).as_py() or 0)
+    if not (stored_rows == written == rows and id_sum_file == id_sum_db):
+        partial.unlink(missing_ok=True)
+        raise PartitionError(
+            f"archive of {part.name} holds {stored_rows} rows (id sum {id_sum_file}), "
+            f"the partition {rows} (id sum {id_sum_db}); nothing was dropped"
+        )
+    partial.replace(path)
+    return path
