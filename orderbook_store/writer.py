@@ -282,6 +282,9 @@ class Writer:
 
     async def _batch_ready(self, n: int) -> None:
         if self._task is None:
+            if self._closed:
+                self._pending.clear()  # only the row just added: the rest was handled by close
+                raise OrderbookStoreError("the writer is closed; make a new OrderbookRepository")
             self._start()
             if n < self._batch_size:
                 return
@@ -359,6 +362,7 @@ class Writer:
         finally:
             self._closed = True
             await self._shutdown()
+            self._task = None
 
     async def _shutdown(self) -> None:
         task = self._task
@@ -366,8 +370,9 @@ class Writer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._spills:
-            await asyncio.gather(*self._spills, return_exceptions=True)
+        if self._io_pool is not None:
+            # Whatever the task left uncommitted (a write cut short, rows added meanwhile).
+            await self._make_durable()
         left_rows = self._in_spool
         left_batches = sum(1 for b in self._outstanding.values() if b.spooled)
         lost = sum(b.rows for b in self._outstanding.values() if not b.spooled) + len(self._pending)
@@ -494,24 +499,30 @@ class Writer:
             await self._io(self._spool_write, batch)
         except SpoolError as exc:
             log.error("spool: cannot store %d row(s) (%s); keeping them in memory", batch.rows, exc)
-            self._unspooled.append(batch)
+            if batch not in self._unspooled:
+                self._unspooled.append(batch)
             return False
+        with contextlib.suppress(ValueError):
+            self._unspooled.remove(batch)
         self._spooled += batch.rows
         self._in_spool += batch.rows
         self._spool_records += 1
         return True
 
     async def _make_durable(self) -> bool:
-        """Spool every row not yet committed that is only in memory; True if all made it."""
-        durable = True
+        """Spool every row not yet committed that is only in memory; True if all made it.
+
+        That includes a batch in flight: if its write commits after all, the copy in the
+        spool is recognised by the ledger when replayed.
+        """
         if self._spills:
             await asyncio.gather(*self._spills, return_exceptions=True)
-        in_flight = self._in_flight
-        if in_flight is not None and not in_flight.spooled:
-            durable &= await self._spool_batch(in_flight)
         if self._pending:
-            durable &= await self._spool_batch(self._take())
-        return durable and not self._unspooled
+            self._take()
+        for batch in list(self._outstanding.values()):
+            if not batch.spooled:
+                await self._spool_batch(batch)
+        return not self._unspooled
 
     # -- the background task ----------------------------------------------------------------
 

@@ -246,3 +246,14 @@ async def test_logs_and_errors_never_show_the_password(
     assert "write failed" in caplog.text
     closing = [r for r in caplog.records if "writer closed" in r.getMessage()]
     assert len(closing) == 1 and "50 row(s)" in closing[0].getMessage()
+
+
+async def test_add_after_close_is_refused(engine: AsyncEngine, tmp_path: Path) -> None:
+    from orderbook_store.errors import OrderbookStoreError
+
+    repo = OrderbookRepository(engine, spool_dir=tmp_path)
+    await repo.add(quotes(1)[0])
+    await repo.close()
+    with pytest.raises(OrderbookStoreError, match="closed"):
+        await repo.add(quotes(2)[1])
+    assert repo.stats().rows_added == repo.stats().rows_written == 1
