@@ -42,7 +42,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_engine
-from orderbook_store.errors import ConfigError, InvalidQuote
+from orderbook_store.errors import ConfigError, InvalidQuote, OrderbookStoreError
 from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.quote import QuoteRow, to_row
 from orderbook_store.repository import OrderbookRepository
@@ -127,7 +127,7 @@ class PostgreSQLManager:
     async def save_record(self, record: Mapping[str, object]) -> bool:
         """Queue one record; ``False`` (logged and counted) if it breaks a rule."""
         if self.repository is None:
-            raise RuntimeError("PostgreSQLManager.save_record() called before connect()")
+            raise OrderbookStoreError("PostgreSQLManager.save_record() called before connect()")
         try:
             await self.repository.add(record)  # validates (to_row) and buffers; no I/O
         except InvalidQuote as exc:

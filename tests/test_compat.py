@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.compat import DataManager, FileStorage, PostgreSQLManager
-from orderbook_store.errors import ConfigError
+from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.settings import Settings
 
@@ -196,6 +196,12 @@ async def test_file_storage_keeps_hostile_names_inside_its_directory(tmp_path: P
 def test_data_manager_refuses_an_unknown_storage_type() -> None:
     with pytest.raises(ConfigError, match=r"storage\.type"):
         DataManager({"storage": {"type": "s3"}})
+
+
+async def test_saving_before_connect_is_an_error_of_the_family() -> None:
+    manager = PostgreSQLManager({"postgresql": {"host": "db", "port": 5432}})
+    with pytest.raises(OrderbookStoreError, match="before connect"):
+        await manager.save_record({"symbol": "BTCUSDT"})
 
 
 def test_data_manager_chooses_the_storage(tmp_path: Path) -> None:
