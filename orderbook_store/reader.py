@@ -603,9 +603,11 @@ class Reader:
                 raw = await _raw(conn)
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
                     parts, rows = await self._parts(raw, plan)
+                    snapshot = None
                     if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
-                        snapshot = await raw.fetchval("SELECT pg_export_snapshot()")
-                        results = await self._copy_parallel(raw, plan, parts, str(snapshot))
+                        snapshot = await _export_snapshot(raw)
+                    if snapshot is not None:
+                        results = await self._copy_parallel(raw, plan, parts, snapshot)
                     else:
                         results = [await self._copy_batches(raw, plan, part) for part in parts]
             blocks = [
@@ -906,6 +908,19 @@ class _suppress_cancel:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         return exc_type is asyncio.CancelledError or isinstance(exc, Exception)
+
+
+async def _export_snapshot(raw: asyncpg.Connection) -> str | None:
+    """This transaction's snapshot id for a second connection, or None where the server
+    cannot export one (e.g. some standbys): the read then stays on one connection."""
+    import asyncpg
+
+    try:
+        async with raw.transaction():  # a savepoint: a refusal must not abort the read
+            snapshot = await raw.fetchval("SELECT pg_export_snapshot()")
+    except asyncpg.PostgresError:
+        return None
+    return str(snapshot)
 
 
 async def _raw(conn: object) -> asyncpg.Connection:
