@@ -91,7 +91,10 @@ _SCALE: Final = 8
 
 #: A plain decimal string that certainly fits DECIMAL(20,8) and needs no rewriting. Anything
 #: else (exponents, signs, leading dot, more digits) takes the slower exact path.
-_PLAIN_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,8})?").fullmatch
+_PLAIN = r"[0-9]{1,12}(?:\.[0-9]{1,8})?"
+_PLAIN_DECIMAL = re.compile(_PLAIN).fullmatch
+#: The four decimals of a quote, tab-joined, all plain (a tab cannot occur inside a match).
+_FOUR_PLAIN_DECIMALS = re.compile(rf"{_PLAIN}\t{_PLAIN}\t{_PLAIN}\t{_PLAIN}").fullmatch
 
 #: What ``Decimal`` accepts minus its extras (underscores, surrounding spaces, NaN/Infinity).
 _DECIMAL_SYNTAX = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?").fullmatch
@@ -278,31 +281,51 @@ def to_row(obj: Quote | Mapping[str, object]) -> QuoteRow:
         or not MIN_TIMESTAMP_US <= local_timestamp < MAX_TIMESTAMP_US
     ):
         local_timestamp = _timestamp("local_timestamp", local_timestamp)
-    # Decimals: a plain string that fits is kept without any conversion (for prices the only
-    # extra check is "not all zeros"); a float whose shortest repr is plain is taken as that
-    # text. Everything else goes through the exact path.
     ask_amount = get("ask_amount")
+    ask_price = get("ask_price")
+    bid_price = get("bid_price")
+    bid_amount = get("bid_amount")
+    # The common case, four plain decimal strings, in one regex call; prices need only
+    # "not all zeros" on top.
+    if (
+        type(ask_amount) is str
+        and type(ask_price) is str
+        and type(bid_price) is str
+        and type(bid_amount) is str
+        and _FOUR_PLAIN_DECIMALS(f"{ask_amount}\t{ask_price}\t{bid_price}\t{bid_amount}")
+        and ask_price.strip("0.")
+        and bid_price.strip("0.")
+    ):
+        return (
+            exchange,
+            symbol,
+            timestamp,
+            local_timestamp,
+            ask_amount,
+            ask_price,
+            bid_price,
+            bid_amount,
+        )
+    # Otherwise field by field: a plain string is kept as is, a float whose shortest repr is
+    # plain is taken as that text, everything else goes through the exact path.
     if type(ask_amount) is str and _PLAIN_DECIMAL(ask_amount):
         pass
     elif type(ask_amount) is float and _PLAIN_DECIMAL(text := repr(ask_amount)):
         ask_amount = text
     else:
         ask_amount = _decimal("ask_amount", ask_amount, False)
-    ask_price = get("ask_price")
     if type(ask_price) is str and _PLAIN_DECIMAL(ask_price) and ask_price.strip("0."):
         pass
     elif type(ask_price) is float and ask_price > 0.0 and _PLAIN_DECIMAL(text := repr(ask_price)):
         ask_price = text
     else:
         ask_price = _decimal("ask_price", ask_price, True)
-    bid_price = get("bid_price")
     if type(bid_price) is str and _PLAIN_DECIMAL(bid_price) and bid_price.strip("0."):
         pass
     elif type(bid_price) is float and bid_price > 0.0 and _PLAIN_DECIMAL(text := repr(bid_price)):
         bid_price = text
     else:
         bid_price = _decimal("bid_price", bid_price, True)
-    bid_amount = get("bid_amount")
     if type(bid_amount) is str and _PLAIN_DECIMAL(bid_amount):
         pass
     elif type(bid_amount) is float and _PLAIN_DECIMAL(text := repr(bid_amount)):
