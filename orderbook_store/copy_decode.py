@@ -209,6 +209,14 @@ class _Rows:
         self._padded = padded
         # Window `e` of this strided view is the _PAD bytes just before offset `e` of `raw`.
         self._windows = as_strided(padded, shape=(size + 1, _PAD), strides=(1, 1), writeable=False)
+        # The same windows as one item per byte offset of a void dtype: gathering whole items
+        # is a plain memcpy each, 2-3x faster than fancy indexing the 2-D view.
+        self._items = {
+            width: np.ndarray(
+                shape=(size + _PAD - width + 1,), dtype=f"V{width}", buffer=padded, strides=(1,)
+            )
+            for width in (8, 16, 24)
+        }
 
     def _boundaries(self, seps: npt.NDArray[np.intp], ncols: int) -> npt.NDArray[np.int64] | None:
         """Separator offsets as (rows, ncols), or None unless every row has ncols fields."""
@@ -226,8 +234,9 @@ class _Rows:
         return self.raw[self.starts[row, col] : self.ends[row, col]].tobytes()
 
     def window(self, ends: npt.NDArray[np.int64], width: int) -> npt.NDArray[np.uint8]:
-        """Rows of the ``width`` bytes just before each offset in ``ends``."""
-        return self._windows[ends, _PAD - width :]
+        """Rows of the ``width`` bytes just before each offset in ``ends`` (8, 16 or 24)."""
+        items = self._items[width][ends + (_PAD - width)]
+        return items.view(np.uint8).reshape(-1, width)
 
     def first_bytes(self, col: int) -> npt.NDArray[np.uint8]:
         return self.byte_at(self.starts[:, col])
