@@ -71,6 +71,7 @@ _EXCHANGE_MAX_CHARS = 50
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = dt.timedelta(microseconds=1)
 _INT8_MIN, _INT8_MAX = -(2**63), 2**63 - 1
+_NAT = np.iinfo(np.int64).min  # numpy's NaT, as int64: a missing time
 
 # The statement that binds this read's values; COPY below reads them back. The planner knobs
 # keep the ordered index scan (a bitmap scan plus a full sort is what the planner picks for
@@ -489,7 +490,11 @@ def _polars_frame(columns: Mapping[str, DecodedColumn], exact: bool) -> Frame:
             else:
                 series.append(values.gather(column.codes))
         elif name in _TIME_COLUMNS:
-            series.append(pl.Series(name, column).cast(pl.Datetime("us", "UTC")))
+            stamps = pl.Series(name, column).cast(pl.Datetime("us", "UTC"))
+            missing = column == _NAT
+            if missing.any():  # as-of rows before the first quote
+                stamps = stamps.scatter(np.flatnonzero(missing), None)
+            series.append(stamps)
         elif column.dtype == object:
             series.append(pl.Series(name, column.tolist(), dtype=pl.Decimal(20, 8)))
         else:
@@ -507,7 +512,8 @@ def _arrow_table(columns: Mapping[str, DecodedColumn], exact: bool) -> Frame:
             dictionary = pa.array(list(column.categories), type=pa.string())
             arrays.append(pa.DictionaryArray.from_arrays(codes, dictionary))
         elif name in _TIME_COLUMNS:
-            arrays.append(pa.array(column, type=pa.int64()).cast(pa.timestamp("us", tz="UTC")))
+            stamps = pa.array(column, type=pa.int64(), mask=column == _NAT)
+            arrays.append(stamps.cast(pa.timestamp("us", tz="UTC")))
         elif column.dtype == object:
             arrays.append(pa.array(column.tolist(), type=pa.decimal128(20, 8)))
         else:
@@ -540,8 +546,7 @@ def _rows_to_columns(
         else:
             if any(v is None for v in values):
                 if name in _TIME_COLUMNS:
-                    nat = np.iinfo(np.int64).min  # NaT as int64
-                    out[name] = np.array([nat if v is None else v for v in values], dtype=np.int64)
+                    out[name] = np.array([_NAT if v is None else v for v in values], dtype=np.int64)
                 else:
                     out[name] = np.array(
                         [np.nan if v is None else v for v in values], dtype=np.float64

@@ -439,3 +439,15 @@ async def _parts_of(reader: Reader, engine: AsyncEngine, symbol: str) -> tuple[l
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         return await reader._parts(raw, plan_quotes(symbol, T0, T0 + DAY))
+
+
+@pytest.mark.parametrize("output", ["polars", "arrow", "numpy"])
+async def test_asof_before_the_first_quote_is_missing_in_every_output(repo, engine, output):
+    await _insert(engine, [("AAA", T0 + 10, "1", "2")])
+    got = await repo.asof("AAA", [T0, T0 + 10], output=output)
+    if output == "polars":
+        assert got["timestamp"].null_count() == 1 and got["bid_price"].is_nan().to_list()[0]
+    elif output == "arrow":
+        assert got.column("timestamp").null_count == 1
+    else:
+        assert np.isnat(got["timestamp"][0]) and got["timestamp"][1].astype(np.int64) == T0 + 10
