@@ -103,6 +103,11 @@ _BOUNDS_SQL = (
     f"SELECT (SELECT timestamp{_RANGE_SQL} ORDER BY symbol, timestamp LIMIT 1) AS first,"
     f" (SELECT timestamp{_RANGE_SQL} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
 )
+#: The timestamp of the quote in force at a time: one backward index probe.
+_IN_FORCE_SQL = (
+    "SELECT timestamp FROM orderbook_data WHERE symbol = $1 AND timestamp <= $2::bigint"
+    " AND ($3::text IS NULL OR exchange = $3::text) ORDER BY symbol DESC, timestamp DESC LIMIT 1"
+)
 _SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
 
 
@@ -572,6 +577,10 @@ class Reader:
     #: Reads the planner expects to be at least this large use two connections at once.
     parallel_min_rows = 200_000
     parallel = True
+    #: ``asof`` with at least this many times considers one range read instead of probes ...
+    asof_range_min_times = 1_000
+    #: ... when that range holds at most this many quotes per requested time.
+    asof_range_rows_per_time = 50
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -602,6 +611,10 @@ class Reader:
             output=output,
             exact=exact,
         )
+        return build_frame(await self._read_columns(plan), plan.output, exact=plan.exact)
+
+    async def _read_columns(self, plan: _Plan) -> dict[str, DecodedColumn]:
+        """The decoded columns of a validated range read (see ``quotes``)."""
         blocks: list[_Block] = []
         if plan.symbols:
             async with self.engine.connect() as conn:
@@ -619,7 +632,7 @@ class Reader:
                 _block_from_batches(plan, part.symbol, batches, check_order=True)
                 for part, batches in zip(parts, results, strict=True)
             ]
-        return build_frame(_merge_blocks(plan, blocks), plan.output, exact=plan.exact)
+        return _merge_blocks(plan, blocks)
 
     async def _parts(self, raw: asyncpg.Connection, plan: _Plan) -> tuple[list[_Part], int]:
         """The COPYs to run, in output order, and the planner's estimate of all rows.
@@ -831,7 +844,10 @@ class Reader:
 
         One row per given time, in the given order, with a ``time`` column first; rows with no
         earlier quote hold NaN/NaT. This is ``pandas.merge_asof(times, quotes,
-        direction="backward")``, computed by one backward index probe per time.
+        direction="backward")``. Few times: one backward index probe each, in the database.
+        Many times (``asof_range_min_times`` or more) over a range holding not many more quotes
+        than times: one range read from the quote in force at the earliest time to the latest
+        time, matched on the client with a binary search; never the whole table.
         """
         checked_symbol = _check_symbol(symbol)
         checked_output = _check_output(output)
@@ -839,6 +855,12 @@ class Reader:
         if isinstance(times, str | dt.date | np.datetime64 | int | np.integer):
             times = [times]
         stamps = [to_epoch_us(t, "times") for t in times]
+        if len(stamps) >= self.asof_range_min_times:
+            ranged = await self._asof_by_range(
+                checked_symbol, stamps, checked_exchange, checked_output, exact
+            )
+            if ranged is not None:
+                return build_frame(ranged, checked_output, exact=exact)
         columns = ("time", *QUOTE_COLUMNS)
         rows: list[Mapping[str, object]] = []
         if stamps:
@@ -851,6 +873,40 @@ class Reader:
         if "time" in data and not rows:
             data["time"] = np.zeros(0, dtype=np.int64)
         return build_frame(data, checked_output, exact=exact)
+
+    async def _asof_by_range(
+        self,
+        symbol: str,
+        stamps: list[int],
+        exchange: str | None,
+        output: Output,
+        exact: bool,
+    ) -> dict[str, DecodedColumn] | None:
+        """As-of by one bounded range read, or None when that range holds too many rows."""
+        earliest, latest = min(stamps), max(stamps)
+        async with self.engine.connect() as conn:
+            raw = await _raw(conn)
+            async with raw.transaction(isolation="repeatable_read", readonly=True):
+                in_force = await raw.fetchval(_IN_FORCE_SQL, symbol, earliest, exchange)
+                start = earliest if in_force is None else int(in_force)
+                explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
+        if isinstance(explained, str | bytes):
+            explained = json.loads(explained)
+        if int(explained[0]["Plan"]["Plan Rows"]) > self.asof_range_rows_per_time * len(stamps):
+            return None
+        plan = plan_quotes(symbol, start, latest + 1, exchange=exchange, output=output, exact=exact)
+        columns = await self._read_columns(plan)
+        wanted = np.array(stamps, dtype=np.int64)
+        stored = columns["timestamp"]
+        assert isinstance(stored, np.ndarray)
+        # Rows come ordered by (timestamp, id): the last one at or before each time wins.
+        index = np.searchsorted(stored, wanted, side="right") - 1
+        missing = index < 0
+        index[missing] = 0
+        out: dict[str, DecodedColumn] = {"time": wanted}
+        for name, column in columns.items():
+            out[name] = _take_or_missing(column, index, missing, name)
+        return out
 
     async def resample(
         self,
@@ -889,6 +945,32 @@ class Reader:
             if len(data[name]) == 0:
                 data[name] = np.zeros(0, dtype=np.float64)
         return build_frame(data, checked_output, exact=False)
+
+
+def _take_or_missing(
+    column: DecodedColumn, index: npt.NDArray[np.intp], missing: npt.NDArray[np.bool_], name: str
+) -> DecodedColumn:
+    """``column[index]``, with rows flagged ``missing`` set to NULL (NaN, NaT, None, code -1)."""
+    if isinstance(column, TextColumn):
+        codes = column.codes[index] if len(column) else np.zeros(len(index), dtype=np.int32)
+        codes[missing] = -1
+        return TextColumn(codes, column.categories)
+    if len(column) == 0:
+        if column.dtype == object:
+            return np.full(len(index), None, dtype=object)
+        if name in _TIME_COLUMNS:
+            return np.full(len(index), _NAT, dtype=np.int64)
+        return np.full(len(index), np.nan, dtype=np.float64)
+    taken = column[index]
+    if missing.any():
+        if taken.dtype == object:
+            taken = np.where(missing, np.array(None, dtype=object), taken)
+        elif name in _TIME_COLUMNS:
+            taken[missing] = _NAT
+        else:
+            taken = taken.astype(np.float64)
+            taken[missing] = np.nan
+    return taken
 
 
 def _split_block(plan: _Plan, block: _Block, nrows: int) -> tuple[_Block, _Block]:

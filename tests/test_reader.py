@@ -297,7 +297,10 @@ async def test_latest_is_index_driven_and_correct(repo, engine, real_rows) -> No
     assert len(await repo.latest(["NOSUCH"])) == 0
 
 
-async def test_asof_matches_pandas_merge_asof(repo, real_rows) -> None:
+@pytest.mark.parametrize("by_range", [False, True])
+async def test_asof_matches_pandas_merge_asof(repo, real_rows, by_range) -> None:
+    # Few times are index probes; many (here: the threshold lowered) one bounded range read.
+    repo._read_path.asof_range_min_times = 10 if by_range else 10**9
     full = await repo.quotes("BTCUSDT", T0, T0 + DAY)
     rng = np.random.default_rng(7)
     first, last = _as_int_us(full["timestamp"])[[0, -1]]
@@ -445,6 +448,8 @@ async def _parts_of(reader: Reader, engine: AsyncEngine, symbol: str) -> tuple[l
 async def test_asof_before_the_first_quote_is_missing_in_every_output(repo, engine, output):
     await _insert(engine, [("AAA", T0 + 10, "1", "2")])
     got = await repo.asof("AAA", [T0, T0 + 10], output=output)
+    repo._read_path.asof_range_min_times = 1
+    assert str(await repo.asof("AAA", [T0, T0 + 10], output=output)) == str(got)
     if output == "polars":
         assert got["timestamp"].null_count() == 1 and got["bid_price"].is_nan().to_list()[0]
     elif output == "arrow":
