@@ -26,6 +26,7 @@ bounds round up, which keeps it half-open on the stored microseconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import re
@@ -681,12 +682,19 @@ class Reader:
                 results[index] = await self._copy_batches(connection, plan, parts[index])
 
         async def helper() -> None:
-            async with self.engine.connect() as conn:
-                second = await _raw(conn)
-                async with second.transaction(isolation="repeatable_read", readonly=True):
-                    # The id comes from the server and is checked above; SET takes no parameter.
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    conn = await stack.enter_async_context(self.engine.connect())
+                    second = await _raw(conn)
+                    await stack.enter_async_context(
+                        second.transaction(isolation="repeatable_read", readonly=True)
+                    )
+                    # The id comes from the server and is checked above; SET takes no
+                    # parameter.
                     await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-                    await work(second)
+                except Exception:
+                    return  # no second connection after all: the first one reads every part
+                await work(second)
 
         tasks = [asyncio.ensure_future(work(raw)), asyncio.ensure_future(helper())]
         try:
