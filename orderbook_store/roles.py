@@ -20,6 +20,10 @@ What each role may do, and why:
 ``reader`` (notebooks, research)
     ``SELECT`` only, on the owner's tables now and later (default privileges).
 
+Writer and reader carry ``idle_in_transaction_session_timeout = 60s`` as role settings: behind
+PgBouncer the package cannot send it at connect (PgBouncer refuses startup parameters it does
+not know), and a transaction left open must not hold locks and a pooled server connection.
+
 Both writer and reader may read ``alembic_version``, so ``orderbook-store doctor`` reports the
 migration state whoever runs it. No password appears in the script: set one per role with
 ``\\password <role>`` in psql or, on DigitalOcean, create the users in the control panel first
@@ -102,6 +106,10 @@ BEGIN
                    current_database());
 END
 $roles$;
+
+-- Behind PgBouncer the package cannot send session timeouts at connect: the roles carry them.
+ALTER ROLE {r.writer} SET idle_in_transaction_session_timeout = '60s';
+ALTER ROLE {r.reader} SET idle_in_transaction_session_timeout = '60s';
 
 GRANT USAGE, CREATE ON SCHEMA {schema} TO {r.owner};
 GRANT USAGE ON SCHEMA {schema} TO {r.writer}, {r.reader};

@@ -200,7 +200,15 @@ class Settings(BaseSettings):
         return context
 
     def server_settings(self) -> dict[str, str]:
-        """Session parameters sent at connect time."""
+        """Session parameters sent at connect time.
+
+        Behind PgBouncer only ``application_name``: PgBouncer refuses any other startup
+        parameter ("unsupported startup parameter"), and a ``SET`` would leak to other clients
+        in transaction mode. There the timeouts come from the role (``ALTER ROLE ... SET``, as
+        ``orderbook-store roles --print-sql`` does).
+        """
+        if self.behind_pgbouncer:
+            return {"application_name": self.application_name}
         values = {
             "application_name": self.application_name,
             "idle_in_transaction_session_timeout": str(self.idle_in_transaction_session_timeout_ms),

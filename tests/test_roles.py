@@ -253,3 +253,15 @@ async def test_doctor_runs_as_each_role(role_db: RoleDatabase, role: str, tmp_pa
     assert report.check("migrations").status == "ok", report.as_dict()
     assert report.check("connection").status == "ok"
     assert role_db.passwords[name] not in str(report.as_dict())
+
+
+async def test_roles_carry_the_idle_transaction_timeout_for_pgbouncer(
+    role_db: RoleDatabase,
+) -> None:
+    # What a session gets when nothing is sent at connect, as behind PgBouncer.
+    for role in (role_db.names.writer, role_db.names.reader):
+        conn = await asyncpg.connect(role_db.url_as(role))
+        try:
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1min"
+        finally:
+            await conn.close()
