@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 _AGE = re.compile(r"^\s*(\d+)\s*([dwh])\s*$")
 _AGE_UNITS = {"d": "days", "w": "weeks", "h": "hours"}
+_ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 
 def parse_age(value: str) -> dt.timedelta:
@@ -96,7 +97,7 @@ def ensure(
     if result.moved_rows:
         typer.echo(f"moved {result.moved_rows} rows out of {partitions.DEFAULT_PARTITION}")
     typer.echo(
-        f"partitions ready ({result.period}ly, {ahead} ahead): "
+        f"partitions ready ({_ADJECTIVE[result.period]}, {ahead} ahead): "
         f"{len(result.created)} created, {result.moved_rows} rows moved"
     )
 
@@ -123,7 +124,12 @@ def list_(
                 )
             )
         return
-    table = Table("partition", "from (UTC)", "to (UTC, exclusive)", "rows (est.)", "size")
+    table = Table()
+    table.add_column("partition", no_wrap=True)
+    table.add_column("from (UTC)", no_wrap=True)
+    table.add_column("to (UTC, excl.)", no_wrap=True)
+    table.add_column("rows (est.)", justify="right")
+    table.add_column("size", justify="right")
     for part in found:
         rows = "-" if part.estimated_rows is None else f"{part.estimated_rows:,}"
         table.add_row(
@@ -163,9 +169,7 @@ def prune(
             err=True,
         )
         raise typer.Exit(2)
-    result = _run(lambda engine: partitions.prune(engine, age, archive, confirm=yes))
-    for name in result.dropped:
-        typer.echo(f"dropped {name}")
-    for path in result.files:
-        typer.echo(f"archived {path}")
+    result = _run(
+        lambda engine: partitions.prune(engine, age, archive, confirm=yes, progress=typer.echo)
+    )
     typer.echo(f"{len(result.dropped)} partitions dropped, {result.rows} rows")

@@ -20,9 +20,10 @@ nothing is locked when there is nothing to do.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -438,6 +439,7 @@ async def prune(
     *,
     confirm: bool = False,
     now: dt.datetime | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Drop partitions wholly older than ``older_than`` (an age, or a UTC moment/date).
 
@@ -447,7 +449,10 @@ async def prune(
     partition dropped; if anything fails it is attached again and ``PartitionError`` says so.
     Without ``archive_dir`` the rows are gone for good, so ``confirm=True`` is required.
     A partition that still has rows newer than the cutoff (the historical one, say) stays.
-    Rows arriving later for a dropped range land in the default partition.
+    Rows arriving later for a dropped range land in the default partition (and the next
+    ``ensure`` gives them a partition again). ``progress`` is called with one line per step.
+    Detaching takes the table's lock briefly, once per partition; the export reads the
+    detached table while writers carry on.
     """
     if archive_dir is None and not confirm:
         raise PartitionError(
@@ -458,28 +463,53 @@ async def prune(
     for part in await prunable(engine, older_than, now=now):
         assert part.start_us is not None and part.end_us is not None
         async with engine.begin() as conn:
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
-            )
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
+            still_attached = (
+                await conn.execute(
+                    text(
+                        "SELECT 1 FROM pg_inherits "
+                        "WHERE inhrelid = to_regclass(:name) AND inhparent = to_regclass(:table)"
+                    ),
+                    {"name": f'"{part.name}"', "table": TABLE},
+                )
+            ).first()
+            if still_attached is None:  # another prune run took it first
+                continue
             await conn.execute(text(f'ALTER TABLE {TABLE} DETACH PARTITION "{part.name}"'))
+        if progress is not None:
+            progress(f"detached {part.name} ({_day_text(part)})")
         try:
             rows = await _count(engine, part.name)
             if archive_dir is not None:
                 path = await _archive(engine, part, Path(archive_dir), rows)
                 result.files.append(path)
-        except BaseException as exc:
-            await _reattach(engine, part)
+                if progress is not None:
+                    progress(f"archived {rows:,} rows of {part.name} to {path}")
+        except Exception as exc:
+            await _reattach(engine, part, exc)
             if isinstance(exc, PartitionError):
                 raise
             raise PartitionError(
                 f"archiving {part.name} failed ({exc}); the partition is attached again, "
                 "nothing was dropped"
             ) from exc
+        except BaseException as exc:  # cancelled or interrupted: put it back, then go
+            await asyncio.shield(_reattach(engine, part, exc))
+            raise
         async with engine.begin() as conn:
             await conn.execute(text(f'DROP TABLE "{part.name}"'))
+        if progress is not None:
+            progress(f"dropped {part.name} ({rows:,} rows)")
         result.dropped.append(part.name)
         result.rows += rows
     return result
+
+
+def _day_text(part: PartitionInfo) -> str:
+    start, end = part.start, part.end
+    if start is None or end is None:
+        return "default"
+    return f"{start:%Y-%m-%d} .. {end:%Y-%m-%d}"
 
 
 async def _count(engine: AsyncEngine, name: str) -> int:
@@ -487,14 +517,22 @@ async def _count(engine: AsyncEngine, name: str) -> int:
         return int((await conn.execute(text(f'SELECT count(*) FROM "{name}"'))).scalar_one())
 
 
-async def _reattach(engine: AsyncEngine, part: PartitionInfo) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                f'ALTER TABLE {TABLE} ATTACH PARTITION "{part.name}" '
-                f"FOR VALUES FROM ({part.start_us}) TO ({part.end_us})"
-            )
-        )
+async def _reattach(engine: AsyncEngine, part: PartitionInfo, cause: BaseException) -> None:
+    """Put a detached partition back; if even that fails, say exactly what is left to do."""
+    attach = (
+        f'ALTER TABLE {TABLE} ATTACH PARTITION "{part.name}" '
+        f"FOR VALUES FROM ({part.start_us}) TO ({part.end_us})"
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
+            await conn.execute(text(attach))
+    except Exception as exc:
+        raise PartitionError(
+            f"archiving {part.name} failed ({cause}) and attaching it again failed too ({exc}); "
+            f"its rows are safe in table {part.name}, outside {TABLE}: once the default "
+            f"partition holds no rows of {_day_text(part)} (run ensure), run: {attach}"
+        ) from exc
 
 
 def _arrow_schema() -> Any:

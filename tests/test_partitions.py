@@ -537,3 +537,42 @@ def test_period_arithmetic() -> None:
     assert partitions.next_period(dt.date(2024, 12, 1), "month") == dt.date(2025, 1, 1)
     assert partitions.to_us(dt.date(2024, 1, 1)) == JAN_1_2024
     assert partitions.day_of(JAN_1_2024 - 1) == dt.date(2023, 12, 31)
+
+
+async def test_a_failed_archive_puts_the_partition_back(
+    make_database: MakeDb, tmp_path: Path
+) -> None:
+    url = await at_head(make_database)
+    async with engine_on(url) as engine:
+        await partitions.ensure(engine, ahead=2, today=dt.date(2024, 1, 1))
+        await fill(url, 3_000, span=3 * DAY_US)
+        before = await checksum(url)
+        not_a_directory = tmp_path / "file"
+        not_a_directory.write_text("in the way")
+        with pytest.raises(partitions.PartitionError, match="attached again"):
+            await partitions.prune(engine, dt.date(2024, 1, 2), archive_dir=not_a_directory)
+        assert await checksum(url) == before
+        assert await where_rows_are(url) == {
+            "orderbook_data_p20240101": 1_000,
+            "orderbook_data_p20240102": 1_000,
+            "orderbook_data_p20240103": 1_000,
+        }
+
+
+def test_period_from_the_alembic_command_line(make_database: MakeDb) -> None:
+    url = make_database()
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "-x", "period=month", "upgrade", "head"],
+        cwd=PROJECT,
+        env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    found = asyncio.run(partitions_of(url))[:-1]
+    assert len(found) == 8
+    for part in found:
+        assert part.start is not None and part.end is not None
+        assert part.start.day == 1 and part.end.day == 1
+        assert 28 <= (part.end - part.start).days <= 31
