@@ -272,7 +272,7 @@ def _known_revisions() -> set[str]:
 
 async def _table_checks(report: Report, conn: asyncpg.Connection) -> None:
     kind = await conn.fetchval(
-        "SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass($1)", _TABLE
+        "SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)", _TABLE
     )
     if kind is None:
         report.add("table", "fail", f"{_TABLE} missing", "run `orderbook-store upgrade`")
@@ -327,19 +327,41 @@ async def _partition_check(report: Report, conn: asyncpg.Connection, kind: str) 
     )
     uppers = [u for u in (_upper_bound_s(row["bound"]) for row in rows) if u is not None]
     if not uppers:
-        report.add("partitions", "info", f"{len(rows)} partitions", "bounds not time ranges")
+        report.add(
+            "partitions",
+            "fail",
+            f"{len(rows)} partitions, none for a time range",
+            "new rows have no partition of their own: run `orderbook-store partitions ensure`",
+        )
         return
     ahead_days = (max(uppers) - time.time()) / 86400
     status: Status = "ok"
+    advice = ""
     if ahead_days <= 0:
         status = "fail"
     elif ahead_days < PARTITIONS_AHEAD_WARN_DAYS:
         status = "warn"
+    if status != "ok":
+        advice = (
+            "run `orderbook-store partitions ensure` as the owner (daily, from cron or deploys)"
+        )
+    defaults = [row["relname"] for row in rows if row["bound"] == "DEFAULT"]
+    if defaults:
+        try:
+            stray = await conn.fetchval(f"SELECT EXISTS (SELECT FROM {_quote_ident(defaults[0])})")
+        except asyncpg.InsufficientPrivilegeError:
+            stray = False  # the writer role may not read it; the owner's doctor will
+        if stray:
+            status = "fail" if status == "fail" else "warn"
+            advice = (
+                f"rows landed in {defaults[0]} (no partition covers them): run "
+                "`orderbook-store partitions ensure` as the owner"
+            )
     report.add(
         "partitions",
         status,
         f"{len(rows)} partitions, {ahead_days:.1f} days ahead",
-        "" if status == "ok" else "create partitions ahead (orderbook-store partitions)",
+        advice,
     )
 
 
@@ -504,6 +526,10 @@ def _segment_rows(path: Path) -> int:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _first_line(exc: BaseException) -> str:
