@@ -576,3 +576,29 @@ def test_period_from_the_alembic_command_line(make_database: MakeDb) -> None:
         assert part.start is not None and part.end is not None
         assert part.start.day == 1 and part.end.day == 1
         assert 28 <= (part.end - part.start).days <= 31
+
+
+async def test_upgrade_while_a_writer_streams_loses_nothing(make_database: MakeDb) -> None:
+    """The collector keeps running through a deploy: it waits on the lock, it never fails."""
+    url = await at_head(make_database, "0003")
+    await fill(url, 100_000)
+    added = 0
+    async with (
+        engine_on(url) as engine,
+        OrderbookRepository(engine, batch_size=50, flush_interval_s=0.005) as repo,
+    ):
+        upgrading = asyncio.create_task(
+            asyncio.to_thread(migrations.upgrade, Settings(database_url=url), "head")
+        )
+        while not upgrading.done() or added < 2_000:
+            for k in range(20):
+                # some into the old rows' range, some far outside it
+                day = (added + k) % 40
+                await repo.add(quote(SYMBOLS[k % 4], JAN_1_2024 + day * DAY_US + added + k))
+            added += 20
+            await asyncio.sleep(0.002)
+        await upgrading
+        await repo.flush()
+    stored = await fetch(url, "SELECT count(*), count(DISTINCT id), max(id) FROM orderbook_data")
+    assert tuple(stored[0]) == (100_000 + added, 100_000 + added, 100_000 + added)
+    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"

@@ -3,12 +3,15 @@
 The table becomes ``PARTITION BY RANGE (timestamp)`` (integer microseconds, UTC) without
 rewriting a row:
 
+0. the unique index on ``(id, timestamp)`` that PostgreSQL requires (the partition key must be
+   in every unique key) is built ``CONCURRENTLY``, outside the transaction, while writers carry
+   on; it is the only index built. Then, in one transaction holding the table's lock:
 1. the old table is renamed ``orderbook_data_history``; its indexes are renamed
-   (``idx_orderbook_symbol_history``, ...) so the parent can take their names; its primary key ``(id)`` is replaced by one on ``(id, timestamp)`` (the only
-   index built, PostgreSQL requires the partition key in every unique key);
-2. a ``CHECK`` on the period-aligned range of its timestamps is added ``NOT VALID`` then
-   validated (one read-only scan), so ``ATTACH PARTITION`` finds the range already proven and
-   skips its own scan;
+   (``idx_orderbook_symbol_history``, ...) so the parent can take their names; its primary key
+   ``(id)`` is replaced by ``(id, timestamp)`` using the index from step 0;
+2. a ``CHECK`` on the period-aligned range of its timestamps (bounds found by two index probes
+   per symbol) is added ``NOT VALID`` then validated (one read-only scan), so
+   ``ATTACH PARTITION`` finds the range already proven and skips its own scan;
 3. the partitioned parent takes the old name, the columns, the ``id`` sequence (ids continue),
    the primary key ``(id, timestamp)`` and the three index names; the old table is attached as
    the one historical partition (its existing indexes are adopted, not rebuilt), partitions for
@@ -17,11 +20,12 @@ rewriting a row:
 
 The historical partition's range is aligned to whole periods, so rows later written into it
 (the rest of the day the upgrade ran, or late data for an old day) are routed there, as they
-belong. An empty table is simply replaced.
+belong; it is pruned once all of it is older than the cutoff. An empty table is simply replaced.
 
 The period comes from ``alembic -x period=week`` or ``DB_PARTITION_PERIOD`` (``day``, ``week``
-or ``month``; default ``day``), read at upgrade time. Writers are blocked (not failed) while
-the upgrade holds the table's lock; the primary key index build dominates its duration.
+or ``month``; default ``day``), read at upgrade time. Writers wait (they do not fail) while the
+transaction holds the lock: about one sequential read of the table (the ``VALIDATE``). Offline
+(``--sql``) the index is built inside the transaction instead.
 
 The downgrade copies every row, with its id, back into a plain table of exactly revision
 0001's shape.
@@ -92,6 +96,9 @@ def _columns(id_default: str) -> list[sa.Column[object]]:
     ]
 
 
+#: The unique index on (id, timestamp) that becomes the historical partition's primary key.
+KEY_INDEX = "orderbook_data_id_timestamp_key"
+
 NEXTVAL = "nextval('orderbook_data_id_seq'::regclass)"
 
 # Microseconds <-> UTC timestamps, exactly (integer interval arithmetic, numeric epoch).
@@ -129,17 +136,28 @@ $names$
 
 def upgrade() -> None:
     unit, step = _period()
+    key_index_built = False
+    if not context.is_offline_mode():
+        # The one index this upgrade must build, built while writers carry on (CONCURRENTLY
+        # cannot run inside a transaction). A leftover of an interrupted attempt is replaced.
+        with op.get_context().autocommit_block():
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {KEY_INDEX}")
+            op.execute(
+                f'CREATE UNIQUE INDEX CONCURRENTLY {KEY_INDEX} ON orderbook_data (id, "timestamp")'
+            )
+        key_index_built = True
+
     op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
     op.execute("ALTER TABLE orderbook_data RENAME TO orderbook_data_history")
     for name in INDEXES:
         op.execute(f"ALTER INDEX {name} RENAME TO {name}_history")
     op.execute("ALTER TABLE orderbook_data_history DROP CONSTRAINT orderbook_data_pkey")
-    op.execute(
-        'CREATE UNIQUE INDEX orderbook_data_history_pkey ON orderbook_data_history (id, "timestamp")'
-    )
+    if not key_index_built:  # offline (--sql): built under the lock instead
+        op.execute(f'CREATE UNIQUE INDEX {KEY_INDEX} ON orderbook_data_history (id, "timestamp")')
+    # Takes the index as it is (renamed to the constraint's name): no scan, no build.
     op.execute(
         "ALTER TABLE orderbook_data_history ADD CONSTRAINT orderbook_data_history_pkey "
-        "PRIMARY KEY USING INDEX orderbook_data_history_pkey"
+        f"PRIMARY KEY USING INDEX {KEY_INDEX}"
     )
 
     op.create_table(
