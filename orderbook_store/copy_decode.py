@@ -284,7 +284,8 @@ def _decode_numeric_float(rows: _Rows, col: int) -> npt.NDArray[np.float64]:
     if not 0 <= scale <= 8:
         return _decode_numeric_slow(rows, col, np.arange(rows.nrows))
     int_digits = lengths - negative - (scale + 1 if scale else 0)
-    lead = rows.byte_at(starts + negative)
+    # The first digit: after the sign where there is one (prices rarely have one).
+    lead = rows.byte_at(starts + negative) if negative.any() else first
     fast = ((lead - np.uint8(_ZERO)) <= 9) & (int_digits >= 1) & (int_digits <= 16)
     if scale:
         fast &= rows.byte_at(ends - scale - 1) == _DOT
