@@ -456,3 +456,17 @@ async def test_asof_before_the_first_quote_is_missing_in_every_output(repo, engi
         assert got.column("timestamp").null_count == 1
     else:
         assert np.isnat(got["timestamp"][0]) and got["timestamp"][1].astype(np.int64) == T0 + 10
+
+
+async def test_exact_gives_decimals_in_every_output(repo, engine) -> None:
+    await _insert(engine, [("AAA", T0, "9681.92", "9682.00000001")])
+    expected_bid, expected_ask = Decimal("9681.92"), Decimal("9682.00000001")
+    pandas_frame = await repo.quotes("AAA", T0, T0 + 1, exact=True)
+    assert pandas_frame["bid_price"].tolist() == [expected_bid]
+    polars_frame = await repo.quotes("AAA", T0, T0 + 1, output="polars", exact=True)
+    assert polars_frame["ask_price"].to_list() == [expected_ask]
+    table = await repo.quotes("AAA", T0, T0 + 1, output="arrow", exact=True)
+    assert table.column("ask_price").type == pa.decimal128(20, 8)
+    assert table.column("ask_price").to_pylist() == [expected_ask]
+    empty = await repo.quotes("AAA", T0 + 1, T0 + 2, output="polars", exact=True)
+    assert empty.schema == polars_frame.schema
