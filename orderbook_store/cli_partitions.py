@@ -46,6 +46,14 @@ def parse_age(value: str) -> dt.timedelta:
     return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
 
 
+def parse_day(value: str) -> dt.date:
+    """``YYYY-MM-DD`` as a date; ``ConfigError`` otherwise."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--since={value!r}: write a date like 2024-01-31") from None
+
+
 def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     async def main() -> T:
         engine = create_engine(Settings())
@@ -82,6 +90,12 @@ def ensure(
     period: Annotated[
         str | None,
         typer.Option(help="day, week or month (default: the period the table already uses)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Also every period from this date (YYYY-MM-DD) on: run before importing old data."
+        ),
     ] = None,
     lock_timeout: Annotated[
         float | None,

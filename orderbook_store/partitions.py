@@ -294,13 +294,21 @@ def _plan(
     today: dt.date,
     ahead: int,
     default_days: Sequence[dt.date],
+    since: dt.date | None = None,
 ) -> list[tuple[int, int]]:
-    """Ranges to create: wanted periods (upcoming ones and those of default rows) not yet taken."""
+    """Ranges to create: wanted periods (upcoming ones, those from ``since`` on, those of
+    default rows) not yet taken."""
     starts: set[dt.date] = set()
     start = period_start(today, period)
     for _ in range(ahead + 1):
         starts.add(start)
         start = next_period(start, period)
+    last = start
+    if since is not None:
+        start = period_start(since, period)
+        while start < last:
+            starts.add(start)
+            start = next_period(start, period)
     starts.update(period_start(day, period) for day in default_days)
     taken = [
         (p.start_us, p.end_us)
@@ -326,6 +334,7 @@ async def ensure(
     *,
     period: Period | str | None = None,
     today: dt.date | None = None,
+    since: dt.date | None = None,
     lock_timeout_s: float | None = None,
 ) -> EnsureResult:
     """Create the partitions of the current period and the next ``ahead``; rehome default rows.
@@ -333,7 +342,10 @@ async def ensure(
     Idempotent: a second run finds nothing to do and takes no table lock. Rows in the default
     partition are moved, ids unchanged, into new partitions for their periods, in the same
     transaction that creates them. ``period`` defaults to the period of the newest partition
-    (that is, what the upgrade chose). ``today`` (UTC) is for tests and backfills.
+    (that is, what the upgrade chose). ``today`` (UTC) is for tests. ``since`` also creates
+    every period from that date on: run it before importing old data, so the rows go straight
+    to their partitions instead of through the default one (moving many rows out of the
+    default partition holds the table's lock while they move).
     ``lock_timeout_s`` bounds the wait for the table lock (``PartitionError`` past it), so a
     long reader never leaves writers queued behind this run.
     """
@@ -349,7 +361,7 @@ async def ensure(
         result = EnsureResult(period=chosen)
         has_default = await _has_default(conn)
         default_days = await _default_days(conn) if has_default else []
-        if not _plan(partitions, chosen, today, ahead, default_days):
+        if not _plan(partitions, chosen, today, ahead, default_days, since):
             return result
 
         # Work to do: from here on, writers wait until commit (they never see a half state).
@@ -358,7 +370,7 @@ async def ensure(
         # Re-read under the lock: this is the truth now.
         partitions = await _partitions(conn, sizes=False)
         default_days = await _default_days(conn) if has_default else []
-        ranges = _plan(partitions, chosen, today, ahead, default_days)
+        ranges = _plan(partitions, chosen, today, ahead, default_days, since)
 
         columns = ", ".join(f'"{c}"' for c in COLUMNS)
         moving = bool(default_days) and bool(ranges)

@@ -602,3 +602,17 @@ async def test_upgrade_while_a_writer_streams_loses_nothing(make_database: MakeD
     stored = await fetch(url, "SELECT count(*), count(DISTINCT id), max(id) FROM orderbook_data")
     assert tuple(stored[0]) == (100_000 + added, 100_000 + added, 100_000 + added)
     assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"
+
+
+async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: MakeDb) -> None:
+    url = await at_head(make_database)
+    async with engine_on(url) as engine:
+        result = await partitions.ensure(
+            engine, ahead=1, today=dt.date(2024, 1, 10), since=dt.date(2023, 12, 30)
+        )
+        assert result.created == [
+            f"orderbook_data_p{day:%Y%m%d}"
+            for day in (dt.date(2023, 12, 30) + dt.timedelta(days=k) for k in range(13))
+        ]
+        await fill(url, 1_000, span=10 * DAY_US)  # the backfill goes straight to its days
+        assert "orderbook_data_default" not in await where_rows_are(url)
