@@ -62,9 +62,12 @@ INDEXES = {
 
 
 def _period() -> tuple[str, str]:
-    """The partition period chosen for this upgrade: ``-x period=...``, then the environment."""
-    chosen = (
+    """The partition period chosen for this upgrade: ``-x period=...``, then the settings'
+    ``partition_period`` (where ``Settings`` has that field), then ``DB_PARTITION_PERIOD``."""
+    settings = context.config.attributes.get("settings")
+    chosen = str(
         context.get_x_argument(as_dictionary=True).get("period")
+        or getattr(settings, "partition_period", None)
         or os.environ.get("DB_PARTITION_PERIOD")
         or "day"
     ).lower()
