@@ -61,6 +61,10 @@ _CSV_CONVERT: Final = pacsv.ConvertOptions(
     },
     strings_can_be_null=True,
 )
+_NEXT: Final = (
+    f"SELECT min(timestamp) FROM {OrderbookData.__tablename__}"
+    " WHERE symbol = $1 AND timestamp >= $2 AND timestamp < $3"
+)
 _QUERY: Final = (
     "SELECT exchange, timestamp, local_timestamp, "
     + ", ".join(DECIMAL_COLUMNS)
@@ -118,49 +122,53 @@ async def export_parquet(
 ) -> ExportSummary:
     """Write ``symbol``'s quotes with ``start_us <= timestamp < end_us`` under ``out``.
 
-    Returns the rows and files written. Costs one indexed range query per hour of data.
+    Returns the rows and files written. Costs two indexed range queries per hour that has
+    data; empty stretches cost one query each, however long.
     """
     started = time.perf_counter()
     summary = ExportSummary()
     writers: dict[str, pq.ParquetWriter] = {}
-    day_start = start_us - start_us % DAY_US
+    current_day: dt.date | None = None
+    low = start_us
     try:
         async with engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
-            while day_start < end_us:
-                day = dt.datetime.fromtimestamp(day_start / 1e6, tz=dt.timezone.utc).date()
-                low = max(start_us, day_start)
-                high = min(end_us, day_start + DAY_US)
-                while low < high:
-                    window_end = min(high, low + WINDOW_US - low % WINDOW_US)
-                    sink = io.BytesIO()
-                    await raw.copy_from_query(
-                        _QUERY, symbol, low, window_end, output=sink, format="csv"
-                    )
-                    low = window_end
-                    if not sink.tell():
-                        continue
-                    rows = _parse(sink.getvalue())
-                    for exchange in pc.unique(rows.column("exchange")).to_pylist():
-                        part = rows.filter(pc.equal(rows.column("exchange"), exchange))
-                        writer = writers.get(exchange)
-                        if writer is None:
-                            directory = partition_dir(out, exchange, symbol, day)
-                            directory.mkdir(parents=True, exist_ok=True)
-                            path = directory / FILE_NAME
-                            writer = writers[exchange] = pq.ParquetWriter(
-                                str(path), PARQUET_SCHEMA, compression="zstd"
-                            )
-                            summary.files.append(path)
-                        writer.write_table(_to_parquet(part))
-                    summary.rows += rows.num_rows
-                    if on_rows is not None:
-                        on_rows(rows.num_rows)
-                for writer in writers.values():
-                    writer.close()
-                writers.clear()
-                day_start += DAY_US
+            while low < end_us:
+                # Jump over empty stretches: the next quote decides the next window.
+                found = await raw.fetchval(_NEXT, symbol, low, end_us)
+                if found is None:
+                    break
+                window_end = min(end_us, found - found % WINDOW_US + WINDOW_US)
+                day = dt.datetime.fromtimestamp(found // 1_000_000, tz=dt.timezone.utc).date()
+                if day != current_day:
+                    for writer in writers.values():
+                        writer.close()
+                    writers.clear()
+                    current_day = day
+                sink = io.BytesIO()
+                await raw.copy_from_query(
+                    _QUERY, symbol, found, window_end, output=sink, format="csv"
+                )
+                low = window_end
+                if not sink.tell():
+                    continue
+                rows = _parse(sink.getvalue())
+                for exchange in pc.unique(rows.column("exchange")).to_pylist():
+                    part = rows.filter(pc.equal(rows.column("exchange"), exchange))
+                    writer = writers.get(exchange)
+                    if writer is None:
+                        directory = partition_dir(out, exchange, symbol, day)
+                        directory.mkdir(parents=True, exist_ok=True)
+                        path = directory / FILE_NAME
+                        writer = writers[exchange] = pq.ParquetWriter(
+                            str(path), PARQUET_SCHEMA, compression="zstd"
+                        )
+                        summary.files.append(path)
+                    writer.write_table(_to_parquet(part))
+                summary.rows += rows.num_rows
+                if on_rows is not None:
+                    on_rows(rows.num_rows)
     finally:
         for writer in writers.values():
             writer.close()

@@ -498,3 +498,43 @@ async def test_cli_verify_exit_code(
     await import_paths(engine, [real_quotes_path], quarantine=tmp_path / "q.csv")
     matched = await asyncio.to_thread(_cli, settings, "verify", str(real_quotes_path))
     assert matched.returncode == 0, matched.stdout + matched.stderr
+
+
+async def test_verify_agrees_with_the_server_on_zero_and_tiny_values(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    path = tmp_path / "edge.csv"
+    path.write_text(
+        ",".join(COLUMNS)
+        + "\n"
+        + "binance-futures,XRPUSDT,1704067200000000,1704067200001000,0,0.0001,0.00000001,0.000\n"
+        + "binance-futures,XRPUSDT,1704067200000001,1704067200001000,,007.50,0.6,\n"
+        + "binance-futures,XRPUSDT,1704067200000002,1704067200001000,1e-3,999999999999.99999999,"
+        + "0.62,12\n"
+    )
+    imported = await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
+    assert imported.files[0].rows == 3
+
+    verified = await verify_paths(engine, [path])
+
+    assert verified.exit_code == 0, verified.files[0].groups
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+async def test_a_wrong_value_in_an_otherwise_clean_file_is_quarantined_with_its_text(
+    engine: AsyncEngine, real_quotes_text: str, tmp_path: Path, newline: str
+) -> None:
+    lines = real_quotes_text.splitlines()
+    lines[1234] = lines[1234].replace("binance-futures,BTCUSDT,", "binance-futures,BTCUSDT,-", 1)
+    path = tmp_path / "one_negative.csv"
+    path.write_bytes((newline.join(lines) + newline).encode())
+    quarantine = tmp_path / "q.csv"
+
+    summary = await import_paths(engine, [path], quarantine=quarantine)
+
+    assert (summary.files[0].rows, summary.files[0].quarantined) == (9998, 1)
+    with quarantine.open() as handle:
+        (entry,) = list(csv.DictReader(handle))
+    assert (int(entry["line"]), entry["text"]) == (1235, lines[1234])
+    assert "timestamp" in entry["reason"]
+    assert len(await table_rows(engine)) == 9998

@@ -15,11 +15,12 @@ from typing import IO
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from orderbook_store.models import DECIMAL_COLUMNS
 
-from .rows import Checked, check
-from .source import LineBlock, iter_lines
+from .rows import Checked, Rejected, check
+from .source import LineBlock, iter_lines, line_numbers
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,63 @@ def _decode(lines: pa.Array) -> tuple[pa.Array, list[int]]:
         return pa.array(texts, pa.string()), broken
 
 
+_TIMESTAMPS = ("timestamp", "local_timestamp")
+_FAST_PARSE = pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False)
+
+
+def _fast_candidates(block: LineBlock, layout: CsvLayout) -> pa.Table | None:
+    """The whole block through Arrow's CSV parser, when every line is plain and complete.
+
+    ``None`` when the block has anything unusual (quotes, carriage returns, a line with the
+    wrong number of fields, an empty line, a timestamp that is not an integer, text that is
+    not UTF-8): the line-by-line path then decides line by line.
+    """
+    data = block.data
+    if b'"' in data or b"\r" in data:
+        return None
+    skip = max(0, layout.header_lines - block.first_line + 1)
+    if skip >= block.count:
+        return None
+    names = [f"f{index}" for index in range(layout.fields)]
+    wanted = sorted(set(layout.picks.values()))
+    types = {
+        names[index]: pa.int64() if name in _TIMESTAMPS else pa.string()
+        for name, index in layout.picks.items()
+    }
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip),
+            parse_options=_FAST_PARSE,
+            convert_options=pacsv.ConvertOptions(
+                column_types=types,
+                include_columns=[names[index] for index in wanted],
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    size = table.num_rows
+    if size != block.count - skip:
+        return None
+    first = block.first_line + skip
+    columns: dict[str, pa.Array] = {"line": line_numbers(first, size)}
+    for name, index in layout.picks.items():
+        columns[name] = table.column(names[index]).combine_chunks()
+    for name, value in layout.constants.items():
+        columns[name] = pa.array([value] * size, pa.string())
+    return pa.table(columns)
+
+
 def candidates(block: LineBlock, layout: CsvLayout) -> pa.Table:
     """One block of lines as candidates (see :mod:`.rows`); header and empty lines dropped."""
+    fast = _fast_candidates(block, layout)
+    if fast is not None:
+        return fast
     text, broken = _decode(block.lines)
     size = len(text)
-    numbers = pa.array(range(block.first_line, block.first_line + size), pa.int64())
+    numbers = line_numbers(block.first_line, size)
     keep = pc.not_equal(pc.utf8_length(text), 0)
     if broken:
         mask = [True] * size
@@ -125,7 +178,21 @@ def read_csv(stream: IO[bytes], layout: CsvLayout) -> Iterator[Checked]:
     """Validated blocks of a delimited text stream laid out as ``layout``."""
     for block in iter_lines(stream):
         table = candidates(block, layout)
-        yield check(table, timestamp_scale=layout.timestamp_scale, local_scale=layout.local_scale)
+        checked = check(
+            table, timestamp_scale=layout.timestamp_scale, local_scale=layout.local_scale
+        )
+        if checked.rejected and "text" not in table.column_names:
+            # The fast path keeps no line text; fetch it for the few rejected lines.
+            lines = block.lines
+            checked.rejected = [
+                Rejected(
+                    entry.line,
+                    entry.reason,
+                    lines[entry.line - block.first_line].as_py().decode("utf-8", "replace"),
+                )
+                for entry in checked.rejected
+            ]
+        yield checked
 
 
 def split_header(line: str) -> list[str]:

@@ -23,7 +23,7 @@ from orderbook_store.models import DECIMAL_COLUMNS
 
 from .base import ImportOptions, Reader, RefusedFile
 from .rows import Checked, check
-from .source import ImportUnit
+from .source import ImportUnit, line_numbers
 
 NAME: Final = "parquet"
 DESCRIPTION: Final = (
@@ -84,7 +84,7 @@ def sniff(unit: ImportUnit, options: ImportOptions) -> Reader:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
             size = batch.num_rows
             columns: dict[str, pa.Array] = {
-                "line": pa.array(range(first, first + size), pa.int64()),
+                "line": line_numbers(first, size),
                 "timestamp": _as_microseconds(batch.column("timestamp")),
                 "local_timestamp": _as_microseconds(batch.column("local_timestamp")),
             }

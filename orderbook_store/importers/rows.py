@@ -97,6 +97,12 @@ def _timestamp_ok(column: pa.Array, scale: int) -> tuple[pa.Array, pa.Array]:
 
 
 def _text_ok(column: pa.Array, limit: int) -> pa.Array:
+    if not pa.types.is_dictionary(column.type):
+        # A file has a handful of exchanges and symbols: check each distinct one once.
+        encoded = pc.dictionary_encode(column)
+        if len(encoded.dictionary) * 4 < len(column):
+            verdict = _text_ok(encoded.dictionary, limit)
+            return pc.fill_null(pc.take(verdict, encoded.indices), False)
     length = pc.utf8_length(column)
     ok = pc.and_(pc.greater(length, 0), pc.less_equal(length, limit))
     ok = pc.and_(ok, pc.utf8_is_printable(column))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -104,16 +105,32 @@ def identity_of(unit: ImportUnit, fmt: str, context: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-@dataclass
 class LineBlock:
-    """Consecutive lines of a text file: ``lines[i]`` is physical line ``first_line + i``."""
+    """Consecutive lines of a text file: ``lines[i]`` is physical line ``first_line + i``.
 
-    first_line: int
-    lines: pa.Array  # binary, without the line terminator
+    ``data`` is the block's bytes without the final line terminator, for parsers that take
+    the block whole; ``lines`` cuts it into lines (binary, terminators dropped) on first use.
+    """
+
+    def __init__(self, first_line: int, data: bytes) -> None:
+        self.first_line = first_line
+        self.data = data
+        self.count = data.count(b"\n") + 1
+        self._lines: pa.Array | None = None
+
+    @property
+    def lines(self) -> pa.Array:
+        if self._lines is None:
+            pieces = pc.split_pattern(pa.array([self.data], pa.binary()), "\n")
+            lines = pc.list_flatten(pieces)
+            if b"\r" in self.data:  # CRLF files: drop the carriage return ending each line
+                lines = pc.replace_substring_regex(lines, "\r$", "")
+            self._lines = lines
+        return self._lines
 
 
 def iter_lines(stream: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[LineBlock]:
-    """Cut a byte stream into numbered lines (``\\n`` or ``\\r\\n``), a block at a time.
+    """Cut a byte stream into blocks of whole, numbered lines (``\\n`` or ``\\r\\n``).
 
     A final line without a terminator is a line; an empty file has none. Lines stay bytes
     here, so a line that is not UTF-8 is quarantined by the caller rather than failing a block.
@@ -130,16 +147,13 @@ def iter_lines(stream: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[Li
             carry = data
             continue
         carry = data[cut + 1 :]
-        block = _split(data[:cut])
-        yield LineBlock(line_no, block)
-        line_no += len(block)
+        block = LineBlock(line_no, data[:cut])
+        yield block
+        line_no += block.count
     if carry:
-        block = _split(carry)
-        yield LineBlock(line_no, block)
+        yield LineBlock(line_no, carry)
 
 
-def _split(data: bytes) -> pa.Array:
-    pieces = pc.split_pattern(pa.array([data], pa.binary()), "\n")
-    lines = pc.list_flatten(pieces)
-    # CRLF files: drop the carriage return that ends each line.
-    return pc.replace_substring_regex(lines, "\r$", "")
+def line_numbers(first: int, count: int) -> pa.Array:
+    """``first, first + 1, ...`` as int64 (built by numpy: a Python range costs 0.3 µs each)."""
+    return pa.array(np.arange(first, first + count, dtype=np.int64))

@@ -34,8 +34,6 @@ from .base import ImportOptions, Reader, RefusedFile
 from .detect import detect, expand
 from .rows import Checked
 
-_DECIMAL = pa.decimal128(20, 8)
-
 
 @dataclass
 class Stats:
@@ -101,8 +99,27 @@ def row_texts(rows: pa.Table) -> pa.Array:
         rows.column("local_timestamp").cast(pa.string()),
     ]
     for name in DECIMAL_COLUMNS:
-        parts.append(rows.column(name).cast(_DECIMAL).cast(pa.string()))
+        parts.append(fixed_scale(rows.column(name)))
     return pc.binary_join_element_wise(*parts, "|", null_handling="replace", null_replacement="")
+
+
+def fixed_scale(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Plain decimal strings (as validated rows hold them) with exactly 8 decimals.
+
+    Done on the text, not through Arrow's decimal cast, which prints small values in
+    scientific notation (``0E-8``) where PostgreSQL prints ``0.00000000``.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dotted = pc.if_else(
+        pc.match_substring(column, "."),
+        column,
+        pc.binary_join_element_wise(column, pa.scalar(""), "."),
+    )
+    parts = pc.split_pattern(dotted, ".", max_splits=1)
+    integer = pc.replace_substring_regex(pc.list_element(parts, 0), "^0+([0-9])", r"\1")
+    fraction = pc.utf8_rpad(pc.utf8_slice_codeunits(pc.list_element(parts, 1), 0, 8), 8, "0")
+    return pc.binary_join_element_wise(integer, fraction, ".")
 
 
 def checksum_of(texts: Sequence[str]) -> int:
