@@ -20,7 +20,7 @@ import re
 import statistics
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -190,9 +190,20 @@ async def _database_checks(
 
 
 async def _tls_check(report: Report, settings: Settings, conn: asyncpg.Connection) -> None:
-    row = await conn.fetchrow(
-        "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-    )
+    # This host's side of the connection: behind PgBouncer, pg_stat_ssl would describe
+    # PgBouncer's own connection to the server, not ours.
+    transport = getattr(conn, "_transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is not None:
+        row: Mapping[str, object] | None = {
+            "ssl": True,
+            "version": ssl_object.version(),
+            "cipher": (ssl_object.cipher() or ("?",))[0],
+        }
+    else:
+        row = await conn.fetchrow(
+            "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
     encrypted = bool(row and row["ssl"])
     mode = settings.sslmode
     if not encrypted:
