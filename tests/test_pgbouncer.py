@@ -22,8 +22,10 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from tls import ServerPki, write_server_pki
 
 from orderbook_store import migrations
+from orderbook_store.doctor import run_checks
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import DatabaseUnavailable
 from orderbook_store.repository import OrderbookRepository
@@ -56,8 +58,10 @@ class PgBouncer:
         *,
         pool_size: int = 2,
         ignore_startup_parameters: str = "extra_float_digits",
+        client_tls: ServerPki | None = None,
     ) -> None:
         self.ignore_startup_parameters = ignore_startup_parameters
+        self.client_tls = client_tls
         self.binary = pgbouncer_binary()
         self.server = server
         self.port = free_port()
@@ -69,6 +73,13 @@ class PgBouncer:
         os.chmod(self.root, 0o777)
         ini = self.root / "pgbouncer.ini"
         (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        tls = ""
+        if self.client_tls is not None:  # clients must use TLS, as on DigitalOcean's pools
+            tls = (
+                "client_tls_sslmode = require\n"
+                f"client_tls_cert_file = {self.client_tls.cert_file}\n"
+                f"client_tls_key_file = {self.client_tls.key_file}\n"
+            )
         ini.write_text(
             f"""\
 [databases]
@@ -86,7 +97,7 @@ default_pool_size = {self.pool_size}
 max_client_conn = 200
 ignore_startup_parameters = {self.ignore_startup_parameters}
 logfile = {self.root}/pgbouncer.log
-"""
+{tls}"""
         )
         run_as: dict[str, object] = {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
         self.process = subprocess.Popen(
@@ -285,3 +296,36 @@ async def test_without_pgbouncer_mode_prepared_statements_break(bouncer: PgBounc
         assert "does not exist" in str(caught.value)
         # The same traffic in PgBouncer mode is fine.
         await _statement_on_another_server_connection(lenient.settings(pgbouncer=True))
+
+
+async def test_verified_tls_to_the_pool_port(bouncer: PgBouncer, tmp_path: Path) -> None:
+    """DigitalOcean's pools speak TLS: verify-full to a PgBouncer that requires it, port
+    25061's setting turned on by DB_PGBOUNCER; the writer, the reader and doctor all work."""
+    migrations.upgrade(bouncer.settings(pgbouncer=True), "head")
+    # where the pool's unprivileged user can read it (pytest's tmp_path is private to root)
+    pki = write_server_pki(bouncer.server.root / "pool-pki", ["localhost", "127.0.0.1"])
+    with PgBouncer(bouncer.server, client_tls=pki) as pool:
+        with pytest.raises(DatabaseUnavailable):  # the pool refuses clients without TLS
+            await _alternate_queries(pool.settings(pgbouncer=True), rounds=1)
+        settings = pool.settings(
+            pgbouncer=True,
+            sslmode="verify-full",
+            sslrootcert=pki.ca_file,
+            host="localhost",
+            spool_dir=tmp_path / "spool",
+        )
+        quotes = QuoteWalk(["XRPUSDT"], seed=31).take(200)
+        engine = create_engine(settings)
+        try:
+            async with OrderbookRepository(engine) as repo:
+                await repo.add_many(quotes)
+                await repo.flush(timeout_s=60)
+                frame = await repo.quotes("XRPUSDT", quotes[0]["timestamp"], 2**62)
+                assert len(frame) == 200
+        finally:
+            await engine.dispose()
+        report = await run_checks(settings)
+    tls = report.check("tls")
+    assert tls.status == "ok"
+    assert tls.value.startswith("TLSv1.")
+    assert "host name verified" in tls.detail
