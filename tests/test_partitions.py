@@ -616,3 +616,30 @@ async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: Ma
         ]
         await fill(url, 1_000, span=10 * DAY_US)  # the backfill goes straight to its days
         assert "orderbook_data_default" not in await where_rows_are(url)
+
+
+async def test_switching_to_monthly_fills_only_the_gaps_between_daily_partitions(
+    make_database: MakeDb,
+) -> None:
+    url = await at_head(make_database)
+    async with engine_on(url) as engine:
+        await partitions.ensure(engine, ahead=2, today=dt.date(2024, 1, 30))  # Jan 30 .. Feb 1
+        result = await partitions.ensure(
+            engine, ahead=1, period="month", today=dt.date(2024, 1, 15)
+        )
+        found = [
+            (p.start, p.end)
+            for p in await partitions.list_partitions(engine)
+            if p.end is not None and p.end.year == 2024
+        ]
+    assert result.period == "month"
+    day = dt.timedelta(days=1)
+    utc = dt.timezone.utc
+    jan1, jan30, feb1 = (dt.datetime(2024, m, d, tzinfo=utc) for m, d in ((1, 1), (1, 30), (2, 1)))
+    assert found == [
+        (jan1, jan30),  # January up to the daily partitions
+        (jan30, jan30 + day),
+        (jan30 + day, feb1),
+        (feb1, feb1 + day),
+        (feb1 + day, dt.datetime(2024, 3, 1, tzinfo=utc)),  # the rest of February
+    ]
