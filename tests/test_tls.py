@@ -248,3 +248,9 @@ async def test_doctor_reports_the_tls_version(tls_server: TlsServer, tmp_path: P
     assert tls.status == "ok"
     assert tls.value.startswith("TLSv1.")
     assert "verify-full" in tls.detail
+
+
+async def test_allow_upgrades_to_tls_when_the_server_insists(tls_server: TlsServer) -> None:
+    # orderbook_tls rejects unencrypted sessions: libpq's allow then retries with TLS.
+    encrypted, _ = await session_ssl(tls_server.settings(sslmode="allow"))
+    assert encrypted
