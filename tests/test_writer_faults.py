@@ -7,6 +7,7 @@ its backends without disturbing anything else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -85,7 +86,8 @@ async def test_add_survives_server_stop_and_start_without_loss(
         for i, quote in enumerate(added):
             await repo.add(quote)
             if i % 200 == 0:
-                await asyncio.sleep(0.01 if 5_000 <= i < 10_000 else 0.001)
+                # ~2 s with the server down, while quotes keep coming
+                await asyncio.sleep(0.08 if 5_000 <= i < 10_000 else 0.001)
             if i == 5_000:
                 await asyncio.to_thread(pg.stop)  # connections drop mid-stream
                 stopped = repo.stats()
@@ -115,40 +117,65 @@ async def test_backend_killed_during_copy_loses_and_duplicates_nothing(
     engine = create_engine(settings)
     repo = OrderbookRepository(engine, spool_dir=tmp_path, batch_size=3_000, flush_interval_s=0.05)
     admin = await asyncpg.connect(pg.url("orderbook"))
-    kills = 0
-    done = asyncio.Event()
+    locker = await asyncpg.connect(pg.url("orderbook"))
+    find_copy = (
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = $1 AND state = 'active' AND query ILIKE 'COPY%'"
+    )
+    kills = {"streaming": 0, "waiting": 0}
 
     async def killer() -> None:
-        nonlocal kills
-        while not done.is_set() and kills < 3:
-            killed = await admin.fetch(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = $1 AND state = 'active' AND query ILIKE 'COPY%'",
-                APP,
-            )
-            kills += sum(1 for r in killed if r[0])
+        # First, a COPY caught while its rows stream in (if the timing lets us see one) ...
+        for _ in range(3_000):
+            pids = [r[0] for r in await admin.fetch(find_copy, APP)]
+            if pids:
+                for pid in pids:
+                    kills["streaming"] += bool(
+                        await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+                    )
+                break
             await asyncio.sleep(0.001)
+        # ... then two that certainly are mid-statement: held up by a lock, then killed.
+        # (The lock is held on a second connection: pg_stat_activity read inside a transaction
+        # is a snapshot that would never show the writer arriving.)
+        while kills["waiting"] < 2:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE orderbook_data IN SHARE MODE")
+                for _ in range(20_000):
+                    pids = [r[0] for r in await admin.fetch(find_copy, APP)]
+                    if pids:
+                        break
+                    await asyncio.sleep(0.001)
+                for pid in pids:
+                    kills["waiting"] += bool(
+                        await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+                    )
+            await asyncio.sleep(0.1)
 
-    added = QuoteWalk(seed=22).take(120_000)
+    walk = QuoteWalk(seed=22)
+    added: list[dict[str, object]] = []
     task = asyncio.create_task(killer())
     try:
-        for i, quote in enumerate(added):
-            await repo.add(quote)
-            if i % 500 == 0:
-                await asyncio.sleep(0)
-            if i % 10_000 == 0 and kills < 3:
-                await asyncio.sleep(0.05)  # a COPY is surely running now: let the killer see it
+        while not task.done() and len(added) < 400_000:
+            chunk = walk.take(1_000)
+            for quote in chunk:
+                await repo.add(quote)
+            added.extend(chunk)
+            await asyncio.sleep(0.002)  # a collector waits for its websocket now and then
+        await task
         await repo.flush(timeout_s=120)
         stats = repo.stats()
     finally:
-        done.set()
-        await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await admin.close()
+        await locker.close()
         await repo.close(timeout_s=5)
         await engine.dispose()
 
-    assert kills >= 1
-    assert stats.retries >= 1
+    assert kills["waiting"] == 2
+    assert stats.retries >= 2
     assert await stored_multiset(settings) == expected(added)
     assert stats.rows_written == len(added)
 
