@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from . import migrations
+from . import cli_files, cli_ops, migrations
+from .cli_partitions import app as partitions_app
 from .errors import OrderbookStoreError
 from .settings import Settings
 
@@ -37,6 +38,11 @@ def stamp(revision: Revision = "0001") -> None:
     """Adopt a database made by hand from the original DDL: record it as being at REVISION."""
     migrations.stamp(Settings(), revision)
     typer.echo(f"database stamped at {revision}")
+
+
+cli_files.register(app)
+cli_ops.register(app)
+app.add_typer(partitions_app, name="partitions")
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     max_pending: int = Field(1_000_000, ge=1)
     spool_dir: Path | None = None
     pgbouncer: bool | None = None
+    partition_period: Literal["day", "week", "month"] = "day"
     read_url: SecretStr | None = None
     read_host: str | None = None
     read_max_lag_s: float = Field(30.0, gt=0)
