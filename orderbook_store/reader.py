@@ -578,6 +578,8 @@ class Reader:
     #: Reads the planner expects to be at least this large use two connections at once.
     parallel_min_rows = 200_000
     parallel = True
+    #: How many connections the last ``quotes()`` read on (1 or 2), for diagnostics.
+    last_read_connections = 0
     #: ``asof`` with at least this many times considers one range read instead of probes ...
     asof_range_min_times = 1_000
     #: ... when that range holds at most this many quotes per requested time.
@@ -623,6 +625,7 @@ class Reader:
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
                     parts, rows = await self._parts(raw, plan)
                     snapshot = None
+                    self.last_read_connections = 1
                     if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
                         snapshot = await _export_snapshot(raw)
                     if snapshot is not None:
@@ -681,6 +684,8 @@ class Reader:
             for index in order:
                 results[index] = await self._copy_batches(connection, plan, parts[index])
 
+        joined = asyncio.Event()
+
         async def helper() -> None:
             async with contextlib.AsyncExitStack() as stack:
                 try:
@@ -694,15 +699,28 @@ class Reader:
                     await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
                 except Exception:
                     return  # no second connection after all: the first one reads every part
+                joined.set()
+                self.last_read_connections = 2
                 await work(second)
 
-        tasks = [asyncio.ensure_future(work(raw)), asyncio.ensure_future(helper())]
+        first = asyncio.ensure_future(work(raw))
+        second_task = asyncio.ensure_future(helper())
         try:
-            await asyncio.gather(*tasks)
+            await first
+            if not joined.is_set():
+                # Still waiting for a pooled connection (a busy pool): not needed any more.
+                second_task.cancel()
+            try:
+                await second_task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                cancelling = getattr(current, "cancelling", None)  # Python 3.11+
+                if not second_task.cancelled() or (cancelling is not None and cancelling()):
+                    raise  # this read itself is being cancelled
         except BaseException:
-            for task in tasks:
+            for task in (first, second_task):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(first, second_task, return_exceptions=True)
             raise
         return [r if r is not None else [] for r in results]
 
@@ -1006,16 +1024,15 @@ class _suppress_cancel:
 
 
 async def _export_snapshot(raw: asyncpg.Connection) -> str | None:
-    """This transaction's snapshot id for a second connection, or None where the server
-    cannot export one (e.g. some standbys): the read then stays on one connection."""
-    import asyncpg
+    """This transaction's snapshot id for a second connection, or None on a standby (which
+    cannot export one): the read then stays on one connection.
 
-    try:
-        async with raw.transaction():  # a savepoint: a refusal must not abort the read
-            snapshot = await raw.fetchval("SELECT pg_export_snapshot()")
-    except asyncpg.PostgresError:
-        return None
-    return str(snapshot)
+    No savepoint around it: PostgreSQL refuses to export from a subtransaction.
+    """
+    snapshot = await raw.fetchval(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_export_snapshot() END"
+    )
+    return None if snapshot is None else str(snapshot)
 
 
 async def _raw(conn: object) -> asyncpg.Connection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import gc
@@ -20,6 +21,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store import features
+from orderbook_store.engine import create_engine
 from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
 from orderbook_store.reader import _BIND_SQL, LATEST_ALL_SQL, LATEST_SOME_SQL, Reader, plan_quotes
 
@@ -422,13 +424,24 @@ def test_csv_module_reads_the_file_like_pandas(real_quotes_path) -> None:
 
 
 async def test_two_connection_read_equals_one_connection_read(engine, real_rows) -> None:
-    await _insert(engine, [(s, T0 + i * 7, "1.5", "2.5") for i in range(300) for s in ("A", "Z")])
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        # Enough rows that the second connection joins while the first is still reading.
+        await raw.execute(
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp,"
+            " ask_amount, ask_price, bid_price, bid_amount)"
+            " SELECT s, $1::bigint + g * 7, $1::bigint + g * 7 + 3, 1.5, 100 + g * 0.01,"
+            " 99 + g * 0.01, 2.5 FROM generate_series(0, 29999) g, unnest('{A,Z}'::text[]) s",
+            T0,
+        )
     single, double = Reader(engine), Reader(engine)
     single.parallel = False
     double.parallel_min_rows = 1  # split every symbol in two, read on two connections
     for symbols in ("BTCUSDT", ["Z", "BTCUSDT", "A"]):
         one = await single.quotes(symbols, T0, T0 + DAY, output="numpy")
         two = await double.quotes(symbols, T0, T0 + DAY, output="numpy")
+        if isinstance(symbols, list):  # six parts, 70k rows: the second one joins in time
+            assert (single.last_read_connections, double.last_read_connections) == (1, 2)
         assert list(one) == list(two)
         for column in one:
             assert one[column].tolist() == two[column].tolist() or (
@@ -470,3 +483,22 @@ async def test_exact_gives_decimals_in_every_output(repo, engine) -> None:
     assert table.column("ask_price").to_pylist() == [expected_ask]
     empty = await repo.quotes("AAA", T0 + 1, T0 + 2, output="polars", exact=True)
     assert empty.schema == polars_frame.schema
+
+
+async def test_a_busy_pool_does_not_hold_up_a_two_connection_read(settings, engine) -> None:
+    await _insert(engine, [("AAA", T0 + i, "1", "2") for i in range(100)])
+    # One pooled connection plus two overflow; a pool wait would last 600 s.
+    small = create_engine(settings.model_copy(update={"pool_size": 1, "connect_timeout_s": 200}))
+    try:
+        reader = Reader(small)
+        reader.parallel_min_rows = 1
+        held = [await small.connect() for _ in range(2)]  # the collector, say, holds two
+        try:
+            frame = await asyncio.wait_for(reader.quotes("AAA", T0, T0 + DAY), 120)
+        finally:
+            for conn in held:
+                await conn.close()
+        assert len(frame) == 100
+        assert reader.last_read_connections == 1  # the first connection read both parts
+    finally:
+        await small.dispose()
