@@ -1,12 +1,12 @@
 """orderbook_store: best bid/ask quotes in PostgreSQL.
 
-    from orderbook_store import Settings, create_engine, OrderbookRepository, Quote
-    engine = create_engine(Settings())
-    async with OrderbookRepository(engine) as repo:
-        await repo.add(quote)                   # buffered; returns at once
-        df = await repo.quotes("BTCUSDT", "2024-01-01", "2024-01-02")
+from orderbook_store import Settings, create_engine, OrderbookRepository, Quote
+engine = create_engine(Settings())
+async with OrderbookRepository(engine) as repo:
+    await repo.add(quote)                   # buffered; returns at once
+    df = await repo.quotes("BTCUSDT", "2024-01-01", "2024-01-02")
 
-    store = orderbook_store.connect()           # the same, synchronous, for notebooks
+store = orderbook_store.connect()           # the same, synchronous, for notebooks
 """
 
 from __future__ import annotations
