@@ -700,7 +700,7 @@ class Writer:
         started = time.perf_counter()
         try:
             written = await asyncio.wait_for(
-                self._transaction(batch_id, rows, data), self._write_timeout_s
+                self._transaction(batch_id, rows, data), self._timeout_for(rows)
             )
         except asyncio.CancelledError:
             raise
@@ -747,13 +747,24 @@ class Writer:
                 self._ledger_retention_s,
             )
 
+    def _timeout_for(self, rows: int) -> float:
+        """The write timeout, stretched for big batches (allowing 10,000 rows/s), so a large
+        batch on a slow link is not cut off, retried and cut off again forever."""
+        return self._write_timeout_s + rows / 10_000
+
     def _describe(self, exc: BaseException) -> str:
-        """One line about a failure, never containing the password."""
-        if isinstance(exc, asyncio.TimeoutError):
-            text = f"no answer within {self._write_timeout_s:g} s"
-        else:
-            first = str(exc).strip().splitlines()
-            text = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+        """One line about a failure and what caused it, never containing the password."""
+        parts: list[str] = []
+        seen: BaseException | None = exc
+        while seen is not None and len(parts) < 3:
+            if isinstance(seen, asyncio.TimeoutError):
+                parts.append(f"no answer within the write timeout ({self._write_timeout_s:g} s+)")
+            else:
+                first = str(seen).strip().splitlines()
+                name = type(seen).__name__
+                parts.append(f"{name}: {first[0]}" if first else name)
+            seen = seen.__cause__ or seen.__context__
+        text = " <- ".join(parts)
         secret = self._settings.password
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
@@ -761,8 +772,14 @@ class Writer:
 
 
 async def _chunked(rows: list[QuoteRow]) -> AsyncIterator[bytes]:
-    """COPY text of ``rows`` in pieces, so the server inserts while the rest is encoded."""
+    """COPY text of ``rows`` in pieces, so the server inserts while the rest is encoded.
+
+    Between pieces the event loop gets a turn: a big batch never holds up ``add`` callers
+    (or the collector's websocket) for longer than one piece takes to encode.
+    """
     for start in range(0, len(rows), _COPY_CHUNK_ROWS):
+        if start:
+            await asyncio.sleep(0)
         yield encode_copy_text(rows[start : start + _COPY_CHUNK_ROWS])
 
 
