@@ -120,7 +120,8 @@ class ImportedFile(Base):
     ``file_sha256`` hashes the file's bytes plus what the importer read from its path (a
     symbol from a Binance file name, hive partition values), so importing the same file again
     is recognised before reading it and adds nothing; a file whose import was interrupted has
-    no entry (and no rows) and is imported whole on the next run.
+    no entry (and no rows) and is imported whole on the next run. ``content_sha256`` hashes the
+    decompressed content likewise, so a recompressed copy of an imported file adds nothing too.
     """
 
     __tablename__ = "orderbook_import_files"
@@ -132,6 +133,7 @@ class ImportedFile(Base):
     quarantined: Mapped[int] = mapped_column(BigInteger, nullable=False)
     first_timestamp: Mapped[int | None] = mapped_column(BigInteger)
     last_timestamp: Mapped[int | None] = mapped_column(BigInteger)
+    content_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     imported_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=text("now()")
     )

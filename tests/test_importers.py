@@ -538,3 +538,19 @@ async def test_a_wrong_value_in_an_otherwise_clean_file_is_quarantined_with_its_
     assert (int(entry["line"]), entry["text"]) == (1235, lines[1234])
     assert "timestamp" in entry["reason"]
     assert len(await table_rows(engine)) == 9998
+
+
+async def test_a_recompressed_copy_of_an_imported_file_adds_nothing(
+    engine: AsyncEngine, real_quotes_path: Path, real_quotes_text: str, tmp_path: Path
+) -> None:
+    first = await import_paths(engine, [real_quotes_path], quarantine=tmp_path / "q.csv")
+    assert first.files[0].rows == 9999
+    plain = write(tmp_path / "copy.csv", real_quotes_text, "plain")
+    zipped = write(tmp_path / "other.csv", real_quotes_text, "zip")
+
+    copies = await import_paths(engine, [plain, zipped], quarantine=tmp_path / "q.csv")
+
+    assert [(f.status, f.rows) for f in copies.files] == [("skipped", 0), ("skipped", 0)]
+    assert all(str(real_quotes_path) in f.message for f in copies.files)
+    assert await count(engine) == 9999
+    assert await count(engine, "orderbook_import_files") == 1

@@ -4,7 +4,9 @@ One entry per imported file, inserted in the same transaction as the file's rows
 the SHA-256 of the file's bytes together with what the importer took from the file's path
 (the symbol of a Binance ``<SYMBOL>-bookTicker-<date>`` file, the hive partition values of a
 Parquet file), so the same file imported again is recognised before any row is read, and a
-run killed in the middle of a file left neither rows nor an entry behind. ``rows``,
+run killed in the middle of a file left neither rows nor an entry behind. ``content_sha256``
+hashes the decompressed content the same way (unique), so a recompressed or renamed copy of an
+imported file is recognised once read, and its transaction rolled back. ``rows``,
 ``quarantined`` and the time range (``first_timestamp``/``last_timestamp``, microseconds) say
 what the file contributed.
 
@@ -36,6 +38,7 @@ def upgrade() -> None:
         sa.Column("quarantined", sa.BigInteger(), nullable=False),
         sa.Column("first_timestamp", sa.BigInteger(), nullable=True),
         sa.Column("last_timestamp", sa.BigInteger(), nullable=True),
+        sa.Column("content_sha256", sa.String(64), nullable=True),
         sa.Column(
             "imported_at",
             sa.DateTime(timezone=True),
@@ -43,6 +46,7 @@ def upgrade() -> None:
             server_default=sa.text("now()"),
         ),
         sa.PrimaryKeyConstraint("file_sha256", name="orderbook_import_files_pkey"),
+        sa.UniqueConstraint("content_sha256", name="uq_orderbook_import_files_content_sha256"),
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from orderbook_store.errors import OrderbookStoreError
 
 from .rows import Checked
-from .source import ImportUnit
+from .source import Digest, ImportUnit
 
 
 class RefusedFile(OrderbookStoreError):
@@ -36,8 +36,9 @@ class Reader:
 
     format: str
     unit: ImportUnit
-    open_blocks: Callable[[], Iterator[Checked]]
+    open_blocks: Callable[[Digest | None], Iterator[Checked]]
     context: dict[str, str] = field(default_factory=dict)
 
-    def blocks(self) -> Iterator[Checked]:
-        return self.open_blocks()
+    def blocks(self, digest: Digest | None = None) -> Iterator[Checked]:
+        """Validated blocks; with ``digest``, the file's content is fed to it as it is read."""
+        return self.open_blocks(digest)

@@ -22,7 +22,7 @@ from orderbook_store.quote import DEFAULT_EXCHANGE
 from .base import ImportOptions, Reader, RefusedFile
 from .csvlines import CsvLayout, read_csv, split_header
 from .rows import Checked
-from .source import ImportUnit, open_binary
+from .source import Digest, ImportUnit, open_binary
 
 NAME: Final = "binance-bookticker-csv"
 DESCRIPTION: Final = (
@@ -82,8 +82,8 @@ def sniff(unit: ImportUnit, first_line: str, options: ImportOptions) -> Reader |
         local_scale=1 if "local_timestamp" in names else 1000,
     )
 
-    def blocks() -> Iterator[Checked]:
-        with open_binary(unit) as stream:
+    def blocks(digest: Digest | None) -> Iterator[Checked]:
+        with open_binary(unit, digest) as stream:
             yield from read_csv(stream, layout)
 
     return Reader(NAME, unit, blocks, context={"symbol": symbol})

@@ -21,7 +21,7 @@ from orderbook_store.quote import DEFAULT_EXCHANGE
 
 from .base import ImportOptions, Reader
 from .rows import Checked, check
-from .source import ImportUnit, iter_lines, open_binary
+from .source import Digest, ImportUnit, iter_lines, open_binary
 
 NAME: Final = "binance-bookticker-jsonl"
 DESCRIPTION: Final = (
@@ -143,8 +143,8 @@ def sniff(unit: ImportUnit, first_line: str, options: ImportOptions) -> Reader |
     if not _looks_like_book_ticker(value):
         return None
 
-    def blocks() -> Iterator[Checked]:
-        with open_binary(unit) as stream:
+    def blocks(digest: Digest | None) -> Iterator[Checked]:
+        with open_binary(unit, digest) as stream:
             for block in iter_lines(stream, 1 << 20):
                 records = []
                 for offset, raw in enumerate(block.lines.to_pylist()):

@@ -9,6 +9,9 @@ offset bookkeeping can drift from what was committed. PostgreSQL holds a transac
 millions of COPY rows without trouble (no lock escalation, WAL streams as it goes); the cost is
 only that an interrupted file is read again from its start. The entry is inserted first, so a
 second importer given the same file at the same time waits on its key and then skips it.
+The decompressed content is hashed as it streams; its key is set on the entry last, and a
+unique index on it rolls back a file whose content was imported before under another name or
+compression (a ``.csv`` beside its ``.csv.gz``), so copies add nothing either.
 
 Streaming: a worker thread reads, validates and encodes blocks of a few MB (Arrow kernels,
 which release the GIL) while the event loop sends the previous block, with at most
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -33,6 +37,7 @@ from typing import IO, Final, Protocol
 
 import pyarrow.compute as pc
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.models import QUOTE_COLUMNS, ImportedFile, OrderbookData
@@ -40,7 +45,7 @@ from orderbook_store.models import QUOTE_COLUMNS, ImportedFile, OrderbookData
 from .base import ImportOptions, Reader, RefusedFile
 from .detect import detect, expand
 from .rows import Checked, Rejected, copy_csv
-from .source import ImportUnit, identity_of
+from .source import Digest, ImportUnit, identity_of, keyed
 
 #: Encoded blocks waiting to be sent; with ~4 MB blocks this bounds memory at a few tens of MB.
 PREFETCH_BLOCKS: Final = 2
@@ -125,6 +130,14 @@ def _next_piece(blocks: Iterator[Checked]) -> _Piece | None:
     return None
 
 
+class _SameContent(Exception):
+    """This file's content is already in the ledger under another file."""
+
+    def __init__(self, content_key: str) -> None:
+        super().__init__(content_key)
+        self.content_key = content_key
+
+
 class _Quarantine:
     """Rejected lines of the current file, spooled, appended to the CSV once it committed."""
 
@@ -155,10 +168,10 @@ class _Quarantine:
         self.spool.close()
 
 
-async def _pieces(reader: Reader) -> AsyncIterator[_Piece]:
+async def _pieces(reader: Reader, digest: Digest) -> AsyncIterator[_Piece]:
     """The reader's blocks, encoded in a worker thread, at most PREFETCH_BLOCKS ahead."""
     queue: asyncio.Queue[_Piece | BaseException | None] = asyncio.Queue(PREFETCH_BLOCKS)
-    blocks = reader.blocks()
+    blocks = reader.blocks(digest)
 
     async def produce() -> None:
         try:
@@ -220,6 +233,7 @@ async def import_unit(
         result.status, result.message = "skipped", "already imported"
         return result
     spool = _Quarantine(quarantine)
+    content = hashlib.sha256()
     try:
         async with engine.begin() as conn:
             claimed = await conn.scalar(
@@ -236,7 +250,7 @@ async def import_unit(
             assert raw is not None
 
             async def source() -> AsyncIterator[bytes]:
-                async for piece in _pieces(reader):
+                async for piece in _pieces(reader, content):
                     result.rows += piece.rows
                     result.quarantined += len(piece.rejected)
                     spool.add(unit.display, piece.rejected)
@@ -259,20 +273,38 @@ async def import_unit(
                 columns=list(QUOTE_COLUMNS),
                 format="csv",
             )
-            await conn.execute(
-                text(
-                    f"UPDATE {_LEDGER} SET rows = :rows, quarantined = :quarantined, "
-                    "first_timestamp = :first, last_timestamp = :last WHERE file_sha256 = :key"
-                ),
-                {
-                    "rows": result.rows,
-                    "quarantined": result.quarantined,
-                    "first": result.first_timestamp,
-                    "last": result.last_timestamp,
-                    "key": identity,
-                },
-            )
+            content_key = keyed(content.hexdigest(), reader.format, reader.context)
+            try:
+                await conn.execute(
+                    text(
+                        f"UPDATE {_LEDGER} SET rows = :rows, quarantined = :quarantined, "
+                        "first_timestamp = :first, last_timestamp = :last, "
+                        "content_sha256 = :content WHERE file_sha256 = :key"
+                    ),
+                    {
+                        "rows": result.rows,
+                        "quarantined": result.quarantined,
+                        "first": result.first_timestamp,
+                        "last": result.last_timestamp,
+                        "content": content_key,
+                        "key": identity,
+                    },
+                )
+            except IntegrityError:
+                # The same content came in before under another name or compression; the
+                # transaction (its rows and this entry) is rolled back on the way out.
+                raise _SameContent(content_key) from None
         spool.publish()
+    except _SameContent as same:
+        async with engine.connect() as conn:
+            earlier = await conn.scalar(
+                text(f"SELECT path FROM {_LEDGER} WHERE content_sha256 = :content"),
+                {"content": same.content_key},
+            )
+        result.status = "skipped"
+        result.message = f"same content as {earlier}, already imported"
+        result.rows = result.quarantined = 0
+        result.first_timestamp = result.last_timestamp = None
     finally:
         spool.close()
     result.seconds = time.perf_counter() - started

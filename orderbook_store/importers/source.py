@@ -9,11 +9,12 @@ stays constant (one block) whatever the file's size, and every line keeps its ph
 from __future__ import annotations
 
 import hashlib
+import io
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
@@ -68,18 +69,57 @@ def units_of(path: Path) -> list[ImportUnit]:
     return [ImportUnit(path, member) for member in members]
 
 
-def open_binary(unit: ImportUnit) -> IO[bytes]:
-    """The unit's decompressed bytes as a readable binary stream (caller closes it)."""
+def open_binary(unit: ImportUnit, digest: Digest | None = None) -> IO[bytes]:
+    """The unit's decompressed bytes as a readable binary stream (caller closes it).
+
+    With ``digest``, every byte read is also fed to it (the content hash of the ledger).
+    """
+    stream: IO[bytes]
     if unit.member is not None:
         # The member keeps the archive's file open after the archive object is closed.
         with zipfile.ZipFile(unit.path) as archive:
-            return archive.open(unit.member)
-    kind = compression_of(unit.path)
-    if kind == "gzip":
+            stream = archive.open(unit.member)
+    elif compression_of(unit.path) == "gzip":
         # Arrow's gzip stream is C++ (no GIL held while inflating) and reads the several
         # members an appending writer leaves as one stream.
-        return pa.CompressedInputStream(pa.OSFile(str(unit.path)), "gzip")  # type: ignore[no-any-return]
-    return unit.path.open("rb")
+        stream = pa.CompressedInputStream(pa.OSFile(str(unit.path)), "gzip")
+    else:
+        stream = unit.path.open("rb")
+    return stream if digest is None else cast(IO[bytes], _Hashing(stream, digest))
+
+
+class Digest(Protocol):
+    """What ``hashlib`` objects offer."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that feeds what it reads to a digest."""
+
+    def __init__(self, stream: IO[bytes], digest: Digest) -> None:
+        super().__init__()
+        self._stream = stream
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = bytes(self._stream.read(size))
+        self._digest.update(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 def head_of(unit: ImportUnit, limit: int = 64 << 10) -> bytes:
@@ -98,13 +138,20 @@ def identity_of(unit: ImportUnit, fmt: str, context: dict[str, str]) -> str:
     with unit.path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
-    digest.update(b"\0member=" + (unit.member or "").encode())
+    return keyed(digest.hexdigest(), fmt, context, member=unit.member or "")
+
+
+def keyed(content_hex: str, fmt: str, context: dict[str, str], *, member: str = "") -> str:
+    """A ledger key: a content hash bound to how it was read (format, path context)."""
+    digest = hashlib.sha256(content_hex.encode())
+    digest.update(b"\0member=" + member.encode())
     digest.update(b"\0format=" + fmt.encode())
     for key in sorted(context):
         digest.update(f"\0{key}={context[key]}".encode())
     return digest.hexdigest()
 
 
+@dataclass
 class LineBlock:
     """Consecutive lines of a text file: ``lines[i]`` is physical line ``first_line + i``.
 

@@ -12,7 +12,7 @@ from typing import Final
 from .base import ImportOptions, Reader
 from .csvlines import CsvLayout, read_csv, split_header
 from .rows import Checked
-from .source import ImportUnit, open_binary
+from .source import Digest, ImportUnit, open_binary
 
 NAME: Final = "tardis-book-snapshot"
 DESCRIPTION: Final = (
@@ -40,8 +40,8 @@ def sniff(unit: ImportUnit, first_line: str, options: ImportOptions) -> Reader |
         picks[column] = names.index(header)
     layout = CsvLayout(fields=len(names), picks=picks, header_lines=1)
 
-    def blocks() -> Iterator[Checked]:
-        with open_binary(unit) as stream:
+    def blocks(digest: Digest | None) -> Iterator[Checked]:
+        with open_binary(unit, digest) as stream:
             yield from read_csv(stream, layout)
 
     return Reader(NAME, unit, blocks)
