@@ -28,7 +28,7 @@ from rich.table import Table
 from .engine import create_engine
 from .errors import ConfigError
 from .export import export_parquet
-from .importers import FileResult, ImportOptions, ImportSummary, import_paths
+from .importers import FileResult, ImportOptions, ImportSummary, import_paths, known_formats
 from .importers.verify import VerifySummary, verify_paths
 from .settings import Settings
 
@@ -165,16 +165,16 @@ def import_files(
     else:
         summary = asyncio.run(run())
     if not quiet:
-        Console().print(_import_table(summary))
-        for result in summary.files:
-            if result.status in ("refused", "failed"):
-                console.print(f"[red]{result.status}[/red]: {result.message}", highlight=False)
-        if summary.quarantine_path is not None:
-            console.print(f"{summary.quarantined:,} lines quarantined in {summary.quarantine_path}")
-    else:
-        for result in summary.files:
-            if result.status in ("refused", "failed"):
-                typer.echo(f"{result.status}: {result.message}", err=True)
+        Console(markup=False, highlight=False).print(_import_table(summary))
+    for result in summary.files:
+        if result.status in ("refused", "failed"):
+            typer.echo(f"{result.status}: {result.message}", err=True)
+    if any("unknown format" in result.message for result in summary.files):
+        typer.echo(f"known formats:\n{known_formats()}", err=True)
+    if summary.quarantine_path is not None:
+        typer.echo(
+            f"{summary.quarantined:,} lines quarantined in {summary.quarantine_path}", err=True
+        )
     raise typer.Exit(summary.exit_code)
 
 
@@ -222,7 +222,7 @@ def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> N
 
     summary = asyncio.run(run())
     if not quiet:
-        Console().print(_verify_table(summary))
+        Console(markup=False, highlight=False).print(_verify_table(summary))
     for check in summary.files:
         if check.status == "refused":
             typer.echo(f"refused: {check.message}", err=True)
@@ -272,7 +272,7 @@ def export_files(
         progress.stop()
         if not quiet:
             rate = summary.rows / summary.seconds if summary.seconds else 0.0
-            Console().print(
+            Console(markup=False, highlight=False).print(
                 f"exported {summary.rows:,} rows into {len(summary.files)} files under {out} "
                 f"({rate:,.0f} rows/s)"
             )

@@ -554,3 +554,12 @@ async def test_a_recompressed_copy_of_an_imported_file_adds_nothing(
     assert all(str(real_quotes_path) in f.message for f in copies.files)
     assert await count(engine) == 9999
     assert await count(engine, "orderbook_import_files") == 1
+
+
+async def test_a_pretty_printed_message_file_imports(engine: AsyncEngine, tmp_path: Path) -> None:
+    source = REPO / "tests" / "data" / "binance_futures_bookTicker_ws.json"
+
+    summary = await import_paths(engine, [source], quarantine=tmp_path / "q.csv")
+
+    assert [(f.format, f.rows) for f in summary.files] == [("binance-bookticker-jsonl", 1)]
+    assert (await table_rows(engine))[0][1:4] == ("BNBUSDT", 1568014460893000, 1568014460893000)

@@ -7,6 +7,10 @@ The receive time, when the line has one, is ``local_timestamp``: the first of th
 found on the line or in ``data``, as an integer whose unit is read from its size (13 digits:
 milliseconds, 16: microseconds, 19: nanoseconds). Without one, ``local_timestamp`` = ``E`` ×
 1000, the same rule as the Binance CSV dumps. ``exchange`` is ``binance-futures``.
+
+A small file (up to 16 MB) holding one JSON document, a pretty-printed message or a list of
+messages (as API examples are kept), is read too; a rejected message's "line" is then its
+1-based position in the document.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from orderbook_store.quote import DEFAULT_EXCHANGE
 
 from .base import ImportOptions, Reader
 from .rows import Checked, check
-from .source import Digest, ImportUnit, iter_lines, open_binary
+from .source import Digest, ImportUnit, head_of, iter_lines, open_binary
 
 NAME: Final = "binance-bookticker-jsonl"
 DESCRIPTION: Final = (
@@ -29,6 +33,9 @@ DESCRIPTION: Final = (
     '({"e":"bookTicker","E":...,"s":...,"b":...,"B":...,"a":...,"A":...}, '
     "optional receive time)"
 )
+
+#: A file that is one JSON document (not JSON lines) is read whole, so only up to this size.
+DOCUMENT_LIMIT: Final = 16 << 20
 
 RECEIVE_TIME_KEYS: Final = (
     "local_timestamp",
@@ -132,16 +139,45 @@ def parse_line(line: int, text: str) -> dict[str, object]:
     return record
 
 
+def _document(unit: ImportUnit) -> list[object] | None:
+    """A small file holding one JSON document (a pretty-printed message, or a list of them)."""
+    head = head_of(unit, DOCUMENT_LIMIT + 1)
+    if len(head) > DOCUMENT_LIMIT:
+        return None
+    try:
+        value = json.loads(head)
+    except ValueError:
+        return None
+    messages = value if isinstance(value, list) else [value]
+    if messages and all(_looks_like_book_ticker(message) for message in messages):
+        return messages
+    return None
+
+
 def sniff(unit: ImportUnit, first_line: str, options: ImportOptions) -> Reader | None:
-    """A reader when the first line is a JSON bookTicker message."""
-    if not first_line.lstrip().startswith("{"):
+    """A reader when the first line is a JSON bookTicker message (or the file one document)."""
+    if not first_line.lstrip().startswith(("{", "[")):
         return None
     try:
         value = json.loads(first_line)
     except ValueError:
-        return None
+        value = None
     if not _looks_like_book_ticker(value):
-        return None
+        if _document(unit) is None:
+            return None
+
+        def document_blocks(digest: Digest | None) -> Iterator[Checked]:
+            with open_binary(unit, digest) as stream:
+                text = stream.read().decode("utf-8")
+            parsed = json.loads(text)
+            messages = parsed if isinstance(parsed, list) else [parsed]
+            records = [
+                parse_line(number, json.dumps(message))
+                for number, message in enumerate(messages, start=1)
+            ]
+            yield check(pa.Table.from_pylist(records, schema=_SCHEMA))
+
+        return Reader(NAME, unit, document_blocks)
 
     def blocks(digest: Digest | None) -> Iterator[Checked]:
         with open_binary(unit, digest) as stream:

@@ -40,9 +40,10 @@ def known_formats() -> str:
 
 
 def refuse_unknown(unit: ImportUnit, why: str) -> RefusedFile:
+    """The refusal of a file no format recognises; it names the known formats."""
     return RefusedFile(
-        f"{unit.display}: unknown format ({why}); plain, .gz or .zip files in these formats "
-        f"are known:\n{known_formats()}"
+        f"{unit.display}: unknown format ({why}); known formats (plain, .gz or .zip): "
+        f"{', '.join(FORMATS)}"
     )
 
 
