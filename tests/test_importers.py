@@ -563,3 +563,52 @@ async def test_a_pretty_printed_message_file_imports(engine: AsyncEngine, tmp_pa
 
     assert [(f.format, f.rows) for f in summary.files] == [("binance-bookticker-jsonl", 1)]
     assert (await table_rows(engine))[0][1:4] == ("BNBUSDT", 1568014460893000, 1568014460893000)
+
+
+async def test_a_file_changed_after_its_import_is_refused_not_imported_twice(
+    engine: AsyncEngine, real_quotes_text: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "quotes.csv"
+    lines = real_quotes_text.splitlines()
+    path.write_text("\n".join(lines[:5000]) + "\n")
+    await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
+    path.write_text("\n".join(lines) + "\n")  # appended to since
+
+    summary = await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
+
+    assert summary.files[0].status == "refused"
+    assert "changed since it was imported" in summary.files[0].message
+    assert await count(engine) == 4999
+
+
+async def test_todays_file_storage_file_waits_for_the_day_to_end(
+    engine: AsyncEngine, real_quotes_text: str, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    directory = tmp_path / "binance-futures" / "BTCUSDT"
+    directory.mkdir(parents=True)
+    (directory / f"{today}.csv").write_text(real_quotes_text)
+    (directory / "2020-02-22.csv").write_text(real_quotes_text.replace("BTCUSDT", "ETHUSDT"))
+
+    summary = await import_paths(engine, [tmp_path / "binance-futures"], quarantine=tmp_path / "q")
+
+    assert [(Path(f.file).name, f.status, f.rows) for f in summary.files] == [
+        ("2020-02-22.csv", "imported", 9999),
+        (f"{today}.csv", "refused", 0),
+    ]
+    assert "still being written" in summary.files[1].message
+
+
+async def test_two_importers_given_the_same_file_at_once_store_it_once(
+    engine: AsyncEngine, real_quotes_path: Path, tmp_path: Path
+) -> None:
+    first, second = await asyncio.gather(
+        import_paths(engine, [real_quotes_path], quarantine=tmp_path / "a.csv"),
+        import_paths(engine, [real_quotes_path], quarantine=tmp_path / "b.csv"),
+    )
+
+    statuses = sorted([first.files[0].status, second.files[0].status])
+    assert statuses == ["imported", "skipped"]
+    assert await count(engine) == 9999

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import hashlib
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -211,6 +213,53 @@ async def already_imported(engine: AsyncEngine, identity: str) -> bool:
     return found is not None
 
 
+_DAILY_FILE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})\.csv(?:\.gz)?")
+
+
+def still_being_written(unit: ImportUnit, today: dt.date | None = None) -> str:
+    """Why a ``FileStorage`` file of today (UTC) or later is not imported yet ("" if it may be).
+
+    The collector appends to the day's file until the day ends; imported now, the file would
+    change, and its earlier rows could not be told apart from the new ones later.
+    """
+    found = _DAILY_FILE.fullmatch(unit.name)
+    if found is None:
+        return ""
+    try:
+        day = dt.date.fromisoformat(found.group(1))
+    except ValueError:
+        return ""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if day < today:
+        return ""
+    return (
+        f"{unit.display}: a daily file of {day} (UTC), still being written; "
+        "import it once the day is over"
+    )
+
+
+async def _changed_since_import(engine: AsyncEngine, unit: ImportUnit) -> str:
+    """Why a file imported before under this path, with other bytes, is refused ("" if not).
+
+    Importing it again would store the rows it had then a second time; the message says how
+    to replace them instead.
+    """
+    async with engine.connect() as conn:
+        earlier = (
+            await conn.execute(
+                text(f"SELECT imported_at, rows FROM {_LEDGER} WHERE path = :path"),
+                {"path": unit.display},
+            )
+        ).first()
+    if earlier is None:
+        return ""
+    return (
+        f"{unit.display}: changed since it was imported on {earlier[0]:%Y-%m-%d %H:%M} UTC "
+        f"({earlier[1]:,} rows); importing it again would store those rows twice. To replace "
+        f"them, delete them and its entry in {_LEDGER}, then import it again"
+    )
+
+
 async def import_unit(
     engine: AsyncEngine,
     unit: ImportUnit,
@@ -231,6 +280,10 @@ async def import_unit(
     identity = await asyncio.to_thread(identity_of, unit, reader.format, reader.context)
     if await already_imported(engine, identity):
         result.status, result.message = "skipped", "already imported"
+        return result
+    refusal = still_being_written(unit) or await _changed_since_import(engine, unit)
+    if refusal:
+        result.status, result.message = "refused", refusal
         return result
     spool = _Quarantine(quarantine)
     content = hashlib.sha256()
