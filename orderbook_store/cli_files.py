@@ -281,11 +281,34 @@ def export_files(
         asyncio.run(run())
 
 
+IMPORT_HELP = (
+    "Import quote files, each exactly once; the format is read from the content.\n\n"
+    "Formats: tardis.dev quotes and book_snapshot_N CSV, FileStorage daily files, Binance "
+    "bookTicker CSV dumps (ms; symbol from <SYMBOL>-bookTicker-<date> or --symbol), JSON lines "
+    "of bookTicker websocket messages, Parquet trees written by `export`; plain, .gz or .zip.\n\n"
+    "Rerunning is safe: imported files (and copies of them) are skipped, an interrupted file is "
+    "imported whole. Lines that fail validation go to the quarantine CSV (file, line, reason, "
+    "text).\n\n"
+    "Exit code: 0 all imported or already there; 3 some lines quarantined; 1 a file refused."
+)
+VERIFY_HELP = (
+    "Compare files with the database, per exchange and symbol: row count, first and last "
+    "timestamp, and a checksum of every value.\n\n"
+    "Exit code 1 when any file does not match or cannot be read."
+)
+EXPORT_HELP = (
+    "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
+    "OUT/exchange=../symbol=../date=YYYY-MM-DD/.\n\n"
+    "Times are timestamp\\[us, UTC], values decimal128(20,8), exact; `import` reads the tree back. "
+    "Exporting a date again replaces its file."
+)
+
+
 def register(target: typer.Typer) -> None:
     """Add ``import``, ``verify`` and ``export`` to ``target`` (the ``orderbook-store`` app)."""
-    target.command("import")(import_files)
-    target.command("verify")(verify_files)
-    target.command("export")(export_files)
+    target.command("import", help=IMPORT_HELP)(import_files)
+    target.command("verify", help=VERIFY_HELP)(verify_files)
+    target.command("export", help=EXPORT_HELP)(export_files)
 
 
 register(app)
