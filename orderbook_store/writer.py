@@ -78,7 +78,8 @@ _YIELD_EVERY_ROWS = 256
 _LATENCY_WINDOW = 1024
 #: Rows encoded per COPY data message when a batch is streamed from memory.
 _COPY_CHUNK_ROWS = 4096
-#: How often (seconds) the ledger is pruned.
+#: How often (seconds) the ledger is pruned and the spool directory looked at for batches
+#: left by writers that stopped while this one runs.
 _PRUNE_EVERY_S = 3600.0
 
 _TABLE = OrderbookData.__tablename__
@@ -552,15 +553,19 @@ class Writer:
                 log.exception("writer: unexpected error; retrying")
                 self._failed("unexpected error")
 
-    def _spool_opened(self, opening: asyncio.Future[None]) -> None:
+    def _spool_opened(self, opening: asyncio.Future[tuple[int, int]]) -> None:
         if opening.cancelled():
             return
         error = opening.exception()
         if error is not None:
             self._backlog = False
             log.error("spool unavailable (%s): batches the database refuses stay in memory", error)
-        elif not self._spool_records:
-            self._backlog = False
+        else:
+            records, rows = opening.result()
+            self._spool_records += records
+            self._in_spool += rows
+            if not records:
+                self._backlog = False
         self._notify()
 
     def _close_spool(self) -> None:
@@ -568,11 +573,21 @@ class Writer:
             self._spool_ok = False
             self._spool.close()
 
-    def _open_spool(self) -> None:
+    def _adopt_orphans(self) -> tuple[int, int]:
+        """On the spool thread: take over what writers that died since our start left.
+
+        Returns the records and rows gained (counters are updated on the loop's thread).
+        """
+        records, rows = self._spool.pending_records, self._spool.pending_rows
+        if not self._spool.adopt_orphans():
+            return 0, 0
+        return self._spool.pending_records - records, self._spool.pending_rows - rows
+
+    def _open_spool(self) -> tuple[int, int]:
+        """On the spool thread: open, adopt; returns the records and rows found waiting."""
         self._spool.open()
         self._spool_ok = True
-        self._in_spool = self._spool.pending_rows
-        self._spool_records = self._spool.pending_records
+        return self._spool.pending_records, self._spool.pending_rows
 
     def _failed(self, reason: str) -> None:
         self._attempt += 1
@@ -632,6 +647,10 @@ class Writer:
                 return
         if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
             await self._prune_ledger()
+            if self._spool_ok:
+                records, rows = await self._io(self._adopt_orphans)
+                self._spool_records += records
+                self._in_spool += rows
 
     async def _replay_spool(self) -> bool:
         """Write spooled batches oldest first; False when the database failed meanwhile."""
