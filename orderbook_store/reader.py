@@ -679,17 +679,25 @@ class Reader:
             raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
         results: list[list[list[DecodedColumn]] | None] = [None] * len(parts)
         order = iter(range(len(parts)))
+        state = {"finished": False}  # the first connection is done (or failed)
 
         async def work(connection: asyncpg.Connection) -> None:
             for index in order:
+                if state["finished"] and connection is not raw:
+                    return  # the first connection failed: stop after the current part
                 results[index] = await self._copy_batches(connection, plan, parts[index])
 
         joined = asyncio.Event()
 
         async def helper() -> None:
+            # Never cancelled while a statement is in flight (a late cancel request could hit
+            # the pooled connection's next user): once the first connection is done, it just
+            # gives its connection back unused.
             async with contextlib.AsyncExitStack() as stack:
                 try:
                     conn = await stack.enter_async_context(self.engine.connect())
+                    if state["finished"]:
+                        return
                     second = await _raw(conn)
                     await stack.enter_async_context(
                         second.transaction(isolation="repeatable_read", readonly=True)
@@ -707,21 +715,20 @@ class Reader:
         second_task = asyncio.ensure_future(helper())
         try:
             await first
-            if not joined.is_set():
-                # Still waiting for a pooled connection (a busy pool): not needed any more.
-                second_task.cancel()
-            try:
-                await second_task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                cancelling = getattr(current, "cancelling", None)  # Python 3.11+
-                if not second_task.cancelled() or (cancelling is not None and cancelling()):
-                    raise  # this read itself is being cancelled
         except BaseException:
-            for task in (first, second_task):
-                task.cancel()
-            await asyncio.gather(first, second_task, return_exceptions=True)
+            state["finished"] = True
+            if joined.is_set():
+                await asyncio.gather(second_task, return_exceptions=True)
+            else:
+                _detach(second_task)
             raise
+        state["finished"] = True
+        if joined.is_set():
+            await second_task  # it is reading parts: wait for them
+        else:
+            # Still waiting for a pooled connection (a busy pool): not needed any more. It
+            # gives the connection back as soon as it gets one; the read does not wait.
+            _detach(second_task)
         return [r if r is not None else [] for r in results]
 
     async def _copy_batches(
@@ -1021,6 +1028,21 @@ class _suppress_cancel:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         return exc_type is asyncio.CancelledError or isinstance(exc, Exception)
+
+
+_DETACHED: set[asyncio.Future[None]] = set()
+
+
+def _detach(task: asyncio.Future[None]) -> None:
+    """Let ``task`` finish on its own: keep it referenced, and its outcome retrieved."""
+    _DETACHED.add(task)
+
+    def done(finished: asyncio.Future[None]) -> None:
+        _DETACHED.discard(finished)
+        if not finished.cancelled():
+            finished.exception()
+
+    task.add_done_callback(done)
 
 
 async def _export_snapshot(raw: asyncpg.Connection) -> str | None:
