@@ -16,7 +16,7 @@ fresh process).
 The server is found as the tests find it: ``TEST_DATABASE_URL``, else 127.0.0.1:5432, else a
 private embedded PostgreSQL. The benchmark creates its own database and drops it at the end.
 
-    python -m benchmarks.read [--rows 2000000] [--repeat 2]
+    python -m benchmarks.read [--rows 2000000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def _floats(frame: pd.DataFrame) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--repeat", type=int, default=2, help="best of N (read_sql plain: 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N (read_sql plain: 1)")
     parser.add_argument("--memory-child", choices=["stream", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
