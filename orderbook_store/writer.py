@@ -307,12 +307,17 @@ class Writer:
             return
         self._wake = asyncio.Event()
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="orderbook-spool")
+        # Opening the spool (and adopting what a stopped writer left) runs on the spool thread,
+        # first in its queue, while rows already flow to the database: under a busy producer
+        # that thread can wait a while for the GIL, and new rows need not wait for it.
+        opening = asyncio.ensure_future(self._io(self._open_spool))
+        opening.add_done_callback(self._spool_opened)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="orderbook-writer")
 
     async def start(self) -> None:
         """Start the background task now (``add`` does it on first use) and open the spool."""
         self._start()
-        await self._io(lambda: None)  # the spool is opened first thing on the worker thread
+        await self._io(lambda: None)  # queued behind the spool's opening
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Return once every row added before this call is committed.
@@ -375,7 +380,7 @@ class Writer:
             # Whatever the task left uncommitted (a write cut short, rows added meanwhile).
             await self._make_durable()
         left_rows = self._in_spool
-        left_batches = sum(1 for b in self._outstanding.values() if b.spooled)
+        left_batches = self._spool_records
         lost = sum(b.rows for b in self._outstanding.values() if not b.spooled) + len(self._pending)
         if self._io_pool is not None:
             await self._io(self._close_spool)
@@ -530,11 +535,6 @@ class Writer:
     async def _run(self) -> None:
         wake = self._wake
         assert wake is not None
-        # Opening the spool (and adopting what a stopped writer left) runs on the spool thread
-        # while rows already flow to the database: under a busy producer that thread can
-        # wait a while for the GIL, and new rows need not wait for it.
-        opening = asyncio.ensure_future(self._io(self._open_spool))
-        opening.add_done_callback(self._spool_opened)
         while True:
             if self._attempt:
                 # Failing: no hurry for full batches (they are spooled, one fsync each); wake
