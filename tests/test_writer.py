@@ -260,3 +260,46 @@ async def test_add_after_close_is_refused(engine: AsyncEngine, tmp_path: Path) -
     with pytest.raises(OrderbookStoreError, match="closed"):
         await repo.add(quotes(2)[1])
     assert repo.stats().rows_added == repo.stats().rows_written == 1
+
+
+async def test_old_ledger_entries_are_pruned_and_recent_ones_kept(
+    engine: AsyncEngine, settings: Settings, tmp_path: Path
+) -> None:
+    conn = await asyncpg.connect(**settings.asyncpg_connect_kwargs())
+    try:
+        old, recent = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO orderbook_write_batches (batch_id, rows, committed_at) "
+            "VALUES ($1, 1, now() - interval '8 days'), ($2, 1, now() - interval '6 days')",
+            old,
+            recent,
+        )
+        async with OrderbookRepository(engine, spool_dir=tmp_path) as repo:
+            await repo.add(quotes(1)[0])
+            await repo.flush()  # the writer prunes once it has written (then hourly)
+            for _ in range(100):
+                left = {
+                    r[0] for r in await conn.fetch("SELECT batch_id FROM orderbook_write_batches")
+                }
+                if old not in left:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    assert old not in left
+    assert recent in left
+    assert len(left) == 2  # the recent one and the batch just written
+
+
+async def test_without_a_usable_spool_the_writer_still_writes(
+    engine: AsyncEngine, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    caplog.set_level(logging.ERROR, logger="orderbook_store")
+    added = quotes(300)
+    async with OrderbookRepository(engine, spool_dir=not_a_directory) as repo:
+        await repo.add_many(added)
+        await repo.flush()
+    assert await stored_multiset(settings) == expected(added)
+    assert any("spool unavailable" in r.getMessage() for r in caplog.records)
