@@ -73,7 +73,8 @@ def detect(unit: ImportUnit, options: ImportOptions | None = None) -> Reader:
 
 def expand(paths: list[Path]) -> Iterator[ImportUnit]:
     """Files and directories (walked recursively, sorted, hidden files skipped) as units."""
-    for path in paths:
+    for given in paths:
+        path = given.absolute()  # the ledger and the quarantine name files unambiguously
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(name for name in dirs if not name.startswith("."))
