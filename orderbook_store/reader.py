@@ -16,6 +16,11 @@ How a range read works, and why:
   That spares the server an Incremental Sort (~15% of its time).
 * Each COPY streams: batches of about 2 MB are decoded while the server is still sending, so
   the client's decoding overlaps the server's work on the other core.
+* A read the planner expects to hold ``parallel_min_rows`` rows or more is cut at a timestamp
+  boundary and read on two pooled connections at once; the second joins the first one's
+  transaction snapshot (``pg_export_snapshot``/``SET TRANSACTION SNAPSHOT``), so both see the
+  same rows. On a standby, with a busy pool, or when the second connection reaches another
+  server, the first connection simply reads everything.
 
 Times: ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as
 UTC), ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and
