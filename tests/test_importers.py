@@ -612,3 +612,76 @@ async def test_two_importers_given_the_same_file_at_once_store_it_once(
     statuses = sorted([first.files[0].status, second.files[0].status])
     assert statuses == ["imported", "skipped"]
     assert await count(engine) == 9999
+
+
+def test_vectorized_checks_accept_and_reject_exactly_what_to_row_does() -> None:
+    import itertools
+
+    import pyarrow as pa
+
+    from orderbook_store.errors import InvalidQuote
+    from orderbook_store.importers.rows import check
+    from orderbook_store.quote import to_row
+
+    decimals = ["9681.92", "0", "0.0", "00.5", "1.", ".5", "1e-3", "+1", " 1", "-0.1",
+                "0.000000001", "0.00000001", "123456789012", "1234567890123", "NaN", "", None,
+                "1.000000000", "abc"]  # fmt: skip
+    names = [("binance-futures", "BTCUSDT"), ("a,b", "BTCUSDT"), ("x", 'BTC"USDT'),
+             ("binance-futures", "B" * 21), ("binance-futures", ""), ("tab\there", "X"),
+             (None, "ETHUSDT")]  # fmt: skip
+    stamps = ["1582329601096000", "1582329601096", "abc", "", "4102444800000000", "-5",
+              "1262304000000000"]  # fmt: skip
+    records = []
+    for line, (value, (exchange, symbol), stamp) in enumerate(
+        itertools.product(decimals, names, stamps), start=1
+    ):
+        records.append(
+            {
+                "line": line,
+                "exchange": exchange,
+                "symbol": symbol,
+                "timestamp": stamp or None,
+                "local_timestamp": "1582329603502092",
+                "ask_amount": value,
+                "ask_price": value,
+                "bid_price": "9681.92",
+                "bid_amount": value,
+            }
+        )
+    table = pa.Table.from_pylist(records)
+
+    checked = check(table)
+
+    expected_rows, expected_lines = [], []
+    for record in records:
+        candidate = dict(record)
+        for key in ("timestamp", "local_timestamp"):
+            value = candidate[key]
+            candidate[key] = int(value) if isinstance(value, str) and value.isdigit() else value
+        try:
+            expected_rows.append(to_row(candidate))
+        except InvalidQuote:
+            expected_lines.append(record["line"])
+    assert [entry.line for entry in checked.rejected] == expected_lines
+    got = [tuple(row.values()) for row in checked.rows.to_pylist()]
+    assert got == expected_rows
+    assert len(expected_rows) > 10 and len(expected_lines) > 10
+
+
+async def test_quoted_names_with_commas_are_stored_literally(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    path = tmp_path / "quoted.csv"
+    path.write_text(
+        ",".join(COLUMNS)
+        + "\n"
+        + 'binance-futures,"ODD,SYM",1704067200000000,1704067200001000,1,2,1.5,3\n'
+        + 'binance-futures,"Q""T",1704067200000001,1704067200001000,1,2,1.5,3\n'
+        + "binance-futures,BTCUSDT,1704067200000002,1704067200001000,1,2,1.5,3\n"
+    )
+
+    summary = await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
+
+    assert summary.files[0].rows == 3
+    assert [row[1] for row in await table_rows(engine)] == ["ODD,SYM", 'Q"T', "BTCUSDT"]
+    assert (await verify_paths(engine, [path])).exit_code == 0

@@ -127,7 +127,11 @@ def candidates(block: LineBlock, layout: CsvLayout) -> pa.Table:
             parts.append(pa.Table.from_pylist(errors))
     text, numbers = text.filter(keep), numbers.filter(keep)
     fields = pc.split_pattern(text, ",")
-    shaped = pc.equal(pc.list_value_length(fields), layout.fields)
+    # A line with a quote is read by the csv module: its fields may hold commas or quotes.
+    shaped = pc.and_(
+        pc.equal(pc.list_value_length(fields), layout.fields),
+        pc.invert(pc.match_substring(text, '"')),
+    )
     if pc.all(shaped).as_py():
         parts.append(_pick(fields, numbers, text, layout))
     else:

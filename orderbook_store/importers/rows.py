@@ -213,8 +213,8 @@ _WRITE_OPTIONS: Final = pacsv.WriteOptions(include_header=False, quoting_style="
 def copy_csv(rows: pa.Table) -> bytes:
     """Rows as ``COPY ... (FORMAT csv)`` input: unquoted, empty cell for NULL.
 
-    Safe unquoted because :func:`check` routes any exchange or symbol with a comma or quote
-    through the exact path, which lands here only via :func:`copy_csv_exact`.
+    Unquoted is safe for ordinary names; a block with any exchange or symbol holding a comma
+    or a quote is written whole by :func:`copy_csv_exact` instead.
     """
     plain = pc.invert(
         pc.or_(
@@ -223,8 +223,7 @@ def copy_csv(rows: pa.Table) -> bytes:
         )
     )
     if not pc.all(plain).as_py():
-        quoted = rows.filter(pc.invert(plain))
-        return _write(rows.filter(plain)) + copy_csv_exact(quoted)
+        return copy_csv_exact(rows)  # rare; keeps the rows in file order
     return _write(rows)
 
 
