@@ -685,3 +685,20 @@ async def test_quoted_names_with_commas_are_stored_literally(
     assert summary.files[0].rows == 3
     assert [row[1] for row in await table_rows(engine)] == ["ODD,SYM", 'Q"T', "BTCUSDT"]
     assert (await verify_paths(engine, [path])).exit_code == 0
+
+
+async def test_a_line_that_is_not_utf8_is_quarantined(
+    engine: AsyncEngine, real_quotes_text: str, tmp_path: Path
+) -> None:
+    lines = [line.encode() for line in real_quotes_text.splitlines()[:100]]
+    lines[41] = b"binance-futures,BTC\xffUSDT,1582329603611000,1582329603729552,0.84,9682,9681.4,1"
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    quarantine = tmp_path / "q.csv"
+
+    summary = await import_paths(engine, [path], quarantine=quarantine)
+
+    assert (summary.files[0].rows, summary.files[0].quarantined) == (98, 1)
+    with quarantine.open() as handle:
+        (entry,) = list(csv.DictReader(handle))
+    assert (entry["line"], entry["reason"]) == ("42", "is not valid UTF-8 text")
