@@ -185,10 +185,16 @@ class Spool:
         if self._own is not None:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
             name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             staging = self.directory / f".new-{name}"
-            staging.mkdir()
+            for attempt in range(5):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    staging.mkdir()
+                    break
+                except FileNotFoundError:  # an empty spool directory removed under us
+                    if attempt == 4:
+                        raise
             lock_fd = os.open(staging / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Other processes only consider fully named directories, and by the time one is
@@ -273,6 +279,10 @@ class Spool:
             self._own = None
             if not own.segments:
                 self._remove_owner_dir(own)
+                # Leave no empty directory behind either (one more writer may be creating
+                # its own in it right now: then this fails, and open() retries on its side).
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
             else:
                 os.close(own.lock_fd)
 
