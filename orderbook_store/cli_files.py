@@ -300,7 +300,8 @@ EXPORT_HELP = (
     "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
     "OUT/exchange=../symbol=../date=YYYY-MM-DD/.\n\n"
     "Times are timestamp\\[us, UTC], values decimal128(20,8), exact; `import` reads the tree back. "
-    "Exporting a date again replaces its file."
+    "Exporting the same range again replaces its files, an adjacent range adds files, a range "
+    "partly overlapping files already there is refused."
 )
 
 

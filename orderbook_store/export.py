@@ -1,24 +1,32 @@
 """Parquet export: one symbol's quotes over a time range, hive-partitioned, exact decimals.
 
-Layout: ``<out>/exchange=<exchange>/symbol=<symbol>/date=<YYYY-MM-DD>/part-0.parquet`` (UTC
-date of ``timestamp``; values URI-escaped as hive partitioning does). Each file holds
-``timestamp`` and ``local_timestamp`` as ``timestamp[us, tz=UTC]`` and the four decimals as
-``decimal128(20, 8)``, the column's own type, so values survive export and import exactly;
-``exchange``, ``symbol`` and ``date`` are in the directory names only (pyarrow datasets,
-``polars.scan_parquet(..., hive_partitioning=True)`` and DuckDB's ``read_parquet(...,
-hive_partitioning = true)`` add them back). Compression zstd. Rows are in ``timestamp`` order
-(ties in insertion order).
+Layout: ``<out>/exchange=<exchange>/symbol=<symbol>/date=<YYYY-MM-DD>/part-<from>-<to>.parquet``
+(UTC date of ``timestamp``; values URI-escaped as hive partitioning does; ``<from>``/``<to>``
+are the microsecond bounds of the part of that date the export covered, so a whole day is
+always the same name). Each file holds ``timestamp`` and ``local_timestamp`` as
+``timestamp[us, tz=UTC]`` and the four decimals as ``decimal128(20, 8)``, the column's own
+type, so values survive export and import exactly; ``exchange``, ``symbol`` and ``date`` are
+in the directory names only (pyarrow datasets, ``polars.scan_parquet(...,
+hive_partitioning=True)`` and DuckDB's ``read_parquet(..., hive_partitioning = true)`` add
+them back). Compression zstd. Rows are in ``timestamp`` order (ties in insertion order).
 
-Exporting a date again replaces that date's file with what the new export covers. The rows
-leave the server as ``COPY ... TO STDOUT (FORMAT csv)`` one hour at a time (index range scans
-on ``(symbol, timestamp)``), parsed by Arrow's CSV reader straight into decimals, so memory
-stays at one hour of one symbol whatever the range.
+Exports into one tree never lose or double rows: exporting the same range again replaces its
+files; exporting an adjacent range adds files beside them; a range that partly overlaps what
+the tree already holds for a date is refused (``ConfigError``) before anything is written.
+A file is written under a hidden temporary name and renamed when complete, so an interrupted
+export leaves no partial file for ``import`` to find.
+
+The rows leave the server as ``COPY ... TO STDOUT (FORMAT csv)`` one hour at a time (index
+range scans on ``(symbol, timestamp)``), parsed by Arrow's CSV reader straight into decimals,
+so memory stays at one hour of one symbol whatever the range.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,15 +40,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .errors import ConfigError
 from .models import DECIMAL_COLUMNS, OrderbookData
 
 #: Rows fetched per query: one hour of one symbol.
 WINDOW_US: Final = 3_600_000_000
 DAY_US: Final = 86_400_000_000
-FILE_NAME: Final = "part-0.parquet"
 
 _TIME = pa.timestamp("us", tz="UTC")
 _DECIMAL = pa.decimal128(20, 8)
+_PART = re.compile(r"part-([0-9]+)-([0-9]+)\.parquet")
 
 #: The schema of every exported file (partition columns live in the path).
 PARQUET_SCHEMA: Final = pa.schema(
@@ -92,6 +101,35 @@ def partition_dir(out: Path, exchange: str, symbol: str, day: dt.date) -> Path:
     )
 
 
+def covered(day: dt.date, start_us: int, end_us: int) -> tuple[int, int]:
+    """The part of ``day`` (UTC) that the range ``[start_us, end_us)`` covers, in µs."""
+    day_start = (day - dt.date(1970, 1, 1)).days * DAY_US
+    return max(start_us, day_start), min(end_us, day_start + DAY_US)
+
+
+def part_name(low_us: int, high_us: int) -> str:
+    """The file name of the part of a date covering ``[low_us, high_us)``."""
+    return f"part-{low_us}-{high_us}.parquet"
+
+
+def check_overlaps(out: Path, symbol: str, start_us: int, end_us: int) -> None:
+    """Refuse a range that partly overlaps files already in the tree (see the module doc)."""
+    pattern = f"exchange=*/symbol={quote(symbol, safe='')}/date=*/part-*.parquet"
+    for existing in sorted(out.glob(pattern)):
+        found = _PART.fullmatch(existing.name)
+        if found is None:
+            continue
+        low, high = int(found.group(1)), int(found.group(2))
+        day = dt.date.fromisoformat(existing.parent.name.removeprefix("date="))
+        mine = covered(day, start_us, end_us)
+        if mine[0] < mine[1] and low < mine[1] and mine[0] < high and (low, high) != mine:
+            raise ConfigError(
+                f"export: {existing} already holds [{low}, {high}) µs, which overlaps this "
+                f"export's [{mine[0]}, {mine[1]}) on {day}; export into another directory, "
+                "export exactly the ranges already there, or delete those files first"
+            )
+
+
 def _parse(data: bytes) -> pa.Table:
     return pacsv.read_csv(
         io.BytesIO(data),
@@ -111,6 +149,38 @@ def _to_parquet(rows: pa.Table) -> pa.Table:
     )
 
 
+class _DayFiles:
+    """The open files of one date, one per exchange: hidden while written, renamed when done."""
+
+    def __init__(self, out: Path, symbol: str, day: dt.date, bounds: tuple[int, int]) -> None:
+        self.out, self.symbol, self.day, self.bounds = out, symbol, day, bounds
+        self.writers: dict[str, tuple[pq.ParquetWriter, Path, Path]] = {}
+
+    def write(self, exchange: str, rows: pa.Table, summary: ExportSummary) -> None:
+        entry = self.writers.get(exchange)
+        if entry is None:
+            directory = partition_dir(self.out, exchange, self.symbol, self.day)
+            directory.mkdir(parents=True, exist_ok=True)
+            final = directory / part_name(*self.bounds)
+            temporary = directory / f".{final.name}.tmp"
+            writer = pq.ParquetWriter(str(temporary), PARQUET_SCHEMA, compression="zstd")
+            entry = self.writers[exchange] = (writer, temporary, final)
+            summary.files.append(final)
+        entry[0].write_table(_to_parquet(rows))
+
+    def finish(self) -> None:
+        for writer, temporary, final in self.writers.values():
+            writer.close()
+            os.replace(temporary, final)
+        self.writers.clear()
+
+    def abandon(self) -> None:
+        for writer, temporary, _ in self.writers.values():
+            writer.close()
+            temporary.unlink(missing_ok=True)
+        self.writers.clear()
+
+
 async def export_parquet(
     engine: AsyncEngine,
     *,
@@ -123,12 +193,13 @@ async def export_parquet(
     """Write ``symbol``'s quotes with ``start_us <= timestamp < end_us`` under ``out``.
 
     Returns the rows and files written. Costs two indexed range queries per hour that has
-    data; empty stretches cost one query each, however long.
+    data; empty stretches cost one query each, however long. Raises ``ConfigError`` for a
+    range that partly overlaps files already in ``out``.
     """
     started = time.perf_counter()
+    check_overlaps(out, symbol, start_us, end_us)
     summary = ExportSummary()
-    writers: dict[str, pq.ParquetWriter] = {}
-    current_day: dt.date | None = None
+    day_files: _DayFiles | None = None
     low = start_us
     try:
         async with engine.connect() as conn:
@@ -141,11 +212,10 @@ async def export_parquet(
                     break
                 window_end = min(end_us, found - found % WINDOW_US + WINDOW_US)
                 day = dt.datetime.fromtimestamp(found // 1_000_000, tz=dt.timezone.utc).date()
-                if day != current_day:
-                    for writer in writers.values():
-                        writer.close()
-                    writers.clear()
-                    current_day = day
+                if day_files is None or day_files.day != day:
+                    if day_files is not None:
+                        day_files.finish()
+                    day_files = _DayFiles(out, symbol, day, covered(day, start_us, end_us))
                 sink = io.BytesIO()
                 await raw.copy_from_query(
                     _QUERY, symbol, found, window_end, output=sink, format="csv"
@@ -156,21 +226,15 @@ async def export_parquet(
                 rows = _parse(sink.getvalue())
                 for exchange in pc.unique(rows.column("exchange")).to_pylist():
                     part = rows.filter(pc.equal(rows.column("exchange"), exchange))
-                    writer = writers.get(exchange)
-                    if writer is None:
-                        directory = partition_dir(out, exchange, symbol, day)
-                        directory.mkdir(parents=True, exist_ok=True)
-                        path = directory / FILE_NAME
-                        writer = writers[exchange] = pq.ParquetWriter(
-                            str(path), PARQUET_SCHEMA, compression="zstd"
-                        )
-                        summary.files.append(path)
-                    writer.write_table(_to_parquet(part))
+                    day_files.write(exchange, part, summary)
                 summary.rows += rows.num_rows
                 if on_rows is not None:
                     on_rows(rows.num_rows)
-    finally:
-        for writer in writers.values():
-            writer.close()
+        if day_files is not None:
+            day_files.finish()
+    except BaseException:
+        if day_files is not None:
+            day_files.abandon()
+        raise
     summary.seconds = time.perf_counter() - started
     return summary

@@ -50,7 +50,11 @@ async def test_export_then_import_into_an_empty_database_round_trips_exactly(
 
     assert summary.rows == 9999
     assert summary.files == [
-        out / "exchange=binance-futures" / "symbol=BTCUSDT" / "date=2020-02-22" / "part-0.parquet"
+        out
+        / "exchange=binance-futures"
+        / "symbol=BTCUSDT"
+        / "date=2020-02-22"
+        / f"part-{DAY}-{NEXT_DAY}.parquet"
     ]
     empty = Settings(database_url=await asyncio.to_thread(make_database))
     await asyncio.to_thread(migrations.upgrade, empty, "head")
@@ -149,3 +153,29 @@ def test_time_arguments_are_utc_dates_times_or_microseconds() -> None:
     assert parse_time_us("1582329601096000") == 1582329601096000
     with pytest.raises(ConfigError, match="ISO date"):
         parse_time_us("yesterday")
+
+
+async def test_adjacent_exports_add_files_and_an_overlapping_one_is_refused(
+    engine: AsyncEngine, real_quotes_path: Path, tmp_path: Path
+) -> None:
+    await import_paths(engine, [real_quotes_path], quarantine=tmp_path / "q.csv")
+    out = tmp_path / "export"
+    middle = parse_time_us("2020-02-22T00:02:00Z")
+
+    first = await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=middle, out=out)
+    second = await export_parquet(
+        engine, symbol="BTCUSDT", start_us=middle, end_us=NEXT_DAY, out=out
+    )
+    again = await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=middle, out=out)
+
+    assert first.rows + second.rows == 9999 and first.rows > 0 and second.rows > 0
+    assert again.files == first.files
+    assert sorted(p.name for p in out.rglob("*.parquet")) == [
+        f"part-{DAY}-{middle}.parquet",
+        f"part-{middle}-{NEXT_DAY}.parquet",
+    ]
+    assert not list(out.rglob(".*"))  # no temporary file left behind
+    with pytest.raises(ConfigError, match="overlaps"):
+        await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=NEXT_DAY, out=out)
+    frame = pl.scan_parquet(str(out / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert frame.height == 9999
