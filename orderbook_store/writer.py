@@ -13,9 +13,12 @@ When the database cannot take a batch
     (lost connection, server restart or failover, full pool, timeout) the batch goes to the
     durable disk spool (:mod:`orderbook_store.spool`) under its id, and so does every batch
     formed until the server answers again. Retries back off exponentially (capped, with
-    jitter). Once a write succeeds the spool is replayed in order before anything newer, so
-    rows reach the table in the order they were added. A process that died (even by SIGKILL)
-    leaves its spool behind; the next writer on the same database adopts and replays it.
+    jitter); meanwhile what is pending is spooled every ``flush_interval_s``. Once a write
+    succeeds the spool is replayed in order before anything newer, so rows reach the table in
+    the order they were added (one exception: a batch whose write fails while newer rows had
+    already overflowed to the spool is replayed after them). A process that died (even by
+    SIGKILL) leaves its spool behind; the next writer on the same database adopts and replays
+    it at its start, and a running writer looks for such leftovers hourly.
 
 Exactly once
     The ledger insert and the rows share one transaction, and the ledger insert comes first
@@ -31,7 +34,8 @@ Memory
     tight loop still lets the write progress.
 
 Contracts
-    ``flush(timeout_s=None)`` returns once every row added before the call is committed. With a
+    ``flush(timeout_s=None)`` returns once every row added before the call is committed (the
+    first flush of a writer also waits for what it adopted from the spool). With a
     timeout that passes first it makes all those rows durable in the spool and raises
     ``DatabaseUnavailable`` saying so; they are written when the server is back (by this
     writer, or at the next start). ``close(timeout_s)`` flushes with that timeout, stops the
