@@ -27,9 +27,7 @@ from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
 REPO = Path(__file__).resolve().parent.parent
-SNAPSHOT = (
-    REPO.parent / "shared" / "data" / "real" / "tardis_binance-futures_book_snapshot_5_BTCUSDT.csv"
-)
+SNAPSHOT = REPO / "tests" / "data" / "tardis_book_snapshot_5_BTCUSDT_2020-09-01.csv.gz"
 COLUMNS = (
     "exchange",
     "symbol",
@@ -262,7 +260,7 @@ async def test_book_snapshot_level_zero_is_the_quote(engine: AsyncEngine, tmp_pa
     summary = await import_paths(engine, [SNAPSHOT], quarantine=tmp_path / "q.csv")
 
     assert [(f.format, f.rows) for f in summary.files] == [("tardis-book-snapshot", 10)]
-    with SNAPSHOT.open() as handle:
+    with gzip.open(SNAPSHOT, "rt", newline="") as handle:
         records = list(csv.DictReader(handle))
     assert await table_rows(engine) == [
         (
