@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(0, ge=0)
     idle_in_transaction_session_timeout_ms: int = Field(60_000, ge=0)
     flush_interval_s: float = Field(0.2, gt=0)
-    max_pending: int = Field(1_000_000, ge=1)
+    max_pending: int = Field(200_000, ge=1)
     spool_dir: Path | None = None
     pgbouncer: bool | None = None
     partition_period: Literal["day", "week", "month"] = "day"

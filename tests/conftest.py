@@ -98,9 +98,13 @@ def make_database(server_url: str) -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture(scope="session")
-def settings(make_database: Callable[[], str]) -> Settings:
-    """Settings for this run's database, migrated to head with Alembic."""
-    run_settings = Settings(database_url=make_database(), pool_size=4)
+def settings(
+    make_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """Settings for this run's database, migrated to head with Alembic; spool in a temp dir."""
+    run_settings = Settings(
+        database_url=make_database(), pool_size=4, spool_dir=tmp_path_factory.mktemp("spool")
+    )
     migrations.upgrade(run_settings, "head")
     return run_settings
 
