@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .copy_encode import encode_copy_text
-from .engine import settings_of
+from .engine import create_read_engine, settings_of
 from .models import OrderbookData
 from .quote import Quote, to_row
 from .reader import Frame, Output, Reader, TimeLike
@@ -81,6 +81,9 @@ class OrderbookRepository:
         """
         if self._writer is not None:
             await self._writer.close(timeout_s)
+        if self._read_engine is not None:
+            await self._read_engine.dispose()
+            self._read_engine = self._reader = None
 
     # -- buffered writes (the collector's path; see orderbook_store.writer) ---------------
 
@@ -171,11 +174,18 @@ class OrderbookRepository:
 
     # -- reads (reader.Reader) -----------------------------------------------------------
 
+    _reader: Reader | None = None
+    #: Owned by the repository, only when reads go to a read-only node (DB_READ_URL/HOST);
+    #: writes and ``count`` stay on ``self.engine``, the primary.
+    _read_engine: AsyncEngine | None = None
+
     @property
     def _read_path(self) -> Reader:
-        reader = self.__dict__.get("_reader")
+        reader = self._reader
         if reader is None:
-            reader = self.__dict__["_reader"] = Reader(self.engine)
+            if self.settings.read_settings() is not None:
+                self._read_engine = create_read_engine(self.settings)
+            reader = self._reader = Reader(self._read_engine or self.engine)
         return reader
 
     @overload
