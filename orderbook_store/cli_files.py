@@ -32,13 +32,6 @@ from .importers import FileResult, ImportOptions, ImportSummary, import_paths, k
 from .importers.verify import VerifySummary, verify_paths
 from .settings import Settings
 
-app = typer.Typer(
-    help="Import quote files, verify them against the database, export Parquet.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
 Paths = Annotated[
     list[Path],
     typer.Argument(help="Files or directories (walked recursively); plain, .gz or .zip."),
@@ -310,9 +303,3 @@ def register(target: typer.Typer) -> None:
     target.command("import", help=IMPORT_HELP)(import_files)
     target.command("verify", help=VERIFY_HELP)(verify_files)
     target.command("export", help=EXPORT_HELP)(export_files)
-
-
-register(app)
-
-if __name__ == "__main__":
-    app()

@@ -8,14 +8,12 @@ library and never print the password.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
 
 from .doctor import Report
 from .doctor import run as run_doctor
-from .errors import OrderbookStoreError
 from .roles import RoleNames, roles_sql
 from .settings import Settings
 
@@ -86,25 +84,3 @@ def register(app: typer.Typer) -> None:
     """Add ``doctor`` and ``roles`` to ``app`` (the ``orderbook-store`` command)."""
     app.command("doctor")(doctor)
     app.command("roles")(roles)
-
-
-app = typer.Typer(
-    help="Operator commands: doctor, roles.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-register(app)
-
-
-def main() -> None:
-    """Run these commands on their own: one line on stderr and exit 1 for any error of ours."""
-    try:
-        app()
-    except OrderbookStoreError as exc:
-        typer.echo(f"orderbook-store: {exc}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from orderbook_store import migrations, partitions
-from orderbook_store.cli_ops import app as ops_app
+from orderbook_store.cli import app as cli_app
 from orderbook_store.copy_encode import encode_copy_text
 from orderbook_store.doctor import PARTITIONS_AHEAD_WARN_DAYS, run_checks, spool_directory
 from orderbook_store.engine import create_engine
@@ -236,7 +236,7 @@ async def test_a_server_that_is_down_fails_and_still_reports_the_spool(tmp_path:
 
 
 def test_cli_json_for_machines_and_exit_code(settings: Settings, tmp_path: Path) -> None:
-    result = CliRunner().invoke(ops_app, ["doctor", "--json"], env=cli_env(settings, tmp_path))
+    result = CliRunner().invoke(cli_app, ["doctor", "--json"], env=cli_env(settings, tmp_path))
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
     assert document["ok"] is True
@@ -245,7 +245,7 @@ def test_cli_json_for_machines_and_exit_code(settings: Settings, tmp_path: Path)
 
 
 def test_cli_table_for_people(settings: Settings, tmp_path: Path) -> None:
-    result = CliRunner().invoke(ops_app, ["doctor"], env=cli_env(settings, tmp_path))
+    result = CliRunner().invoke(cli_app, ["doctor"], env=cli_env(settings, tmp_path))
     assert result.exit_code == 0, result.output
     assert "orderbook-store doctor" in result.output
     for name in ("migrations", "clock", "spool", "indexes"):
@@ -260,7 +260,7 @@ def test_cli_exits_non_zero_when_something_is_wrong(tmp_path: Path) -> None:
         "DB_SSLMODE": "disable",
         "DB_SPOOL_DIR": str(tmp_path),
     }
-    result = CliRunner().invoke(ops_app, ["doctor", "--json"], env=env)
+    result = CliRunner().invoke(cli_app, ["doctor", "--json"], env=env)
     assert result.exit_code == 1
     document = json.loads(result.output)
     assert document["ok"] is False
@@ -269,7 +269,7 @@ def test_cli_exits_non_zero_when_something_is_wrong(tmp_path: Path) -> None:
 
 
 def test_roles_without_print_sql_does_nothing(tmp_path: Path) -> None:
-    result = CliRunner().invoke(ops_app, ["roles"])
+    result = CliRunner().invoke(cli_app, ["roles"])
     assert result.exit_code == 2
     assert "--print-sql" in result.output
 

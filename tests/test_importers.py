@@ -351,7 +351,7 @@ async def test_unknown_format_is_refused_naming_the_known_ones(
 
 def _cli(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orderbook_store.cli_files", *args],
+        [sys.executable, "-m", "orderbook_store", *args],
         env=_env(settings),
         capture_output=True,
         text=True,
@@ -418,7 +418,7 @@ async def test_import_killed_mid_file_then_rerun_stores_the_file_exactly_once(
     rows = 600_000
     await asyncio.to_thread(_synthetic_file, path, rows)
     process = subprocess.Popen(
-        [sys.executable, "-m", "orderbook_store.cli_files", "import", "--quiet", str(path)],
+        [sys.executable, "-m", "orderbook_store", "import", "--quiet", str(path)],
         env=_env(settings),
     )
     try:

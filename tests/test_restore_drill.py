@@ -22,10 +22,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from orderbook_store import cli_files, migrations, partitions
+from orderbook_store import migrations, partitions
+from orderbook_store.cli import app as cli_app
 from orderbook_store.engine import create_engine
 from orderbook_store.importers.pipeline import import_paths
 from orderbook_store.importers.verify import verify_paths
@@ -119,11 +119,9 @@ async def test_dump_restore_verify(
     restored = server.settings("restored")
 
     # orderbook-store verify, as an operator runs it
-    app = typer.Typer()
-    cli_files.register(app)
     result = await asyncio.to_thread(
         CliRunner().invoke,
-        app,
+        cli_app,
         ["verify", str(real_quotes_path)],
         env={"DATABASE_URL": server.url("restored")},
     )

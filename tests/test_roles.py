@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from orderbook_store import migrations
-from orderbook_store.cli_ops import app as ops_app
+from orderbook_store.cli import app as cli_app
 from orderbook_store.doctor import run_checks
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import ConfigError
@@ -63,7 +63,7 @@ def print_sql_output(names: RoleNames) -> str:
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(
-        ops_app,
+        cli_app,
         [
             "roles",
             "--print-sql",

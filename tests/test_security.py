@@ -329,7 +329,7 @@ def test_doctor_process_output_never_shows_the_password(
 ) -> None:
     env = {**secure.env(password), "DB_SPOOL_DIR": str(tmp_path)}
     for args in (["doctor"], ["doctor", "--json"]):
-        result = _cli("orderbook_store.cli_ops", args, env)
+        result = _cli("orderbook_store.cli", args, env)
         assert result.returncode == (0 if password == PASSWORD else 1), result.stderr
         assert "connection" in result.stdout
         _no_secret(result.stdout, result.stderr)
