@@ -235,14 +235,39 @@ $partition$
     op.execute(TIDY_INDEX_NAMES)
 
 
+#: PostgreSQL 18+ records NOT NULL as named constraints. The plain table was created while the
+#: partitioned one still held the default names, so its got a suffix; give them the names the
+#: original DDL gets. (Nothing to do before 18: no such constraints.)
+_NOT_NULL_NAMES_AS_CREATED_BY_HAND = """
+DO $$
+DECLARE r record;
+BEGIN
+    FOR r IN
+        SELECT c.conname, 'orderbook_data_' || a.attname || '_not_null' AS wanted
+        FROM pg_constraint c
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+        WHERE c.conrelid = 'orderbook_data'::regclass AND c.contype = 'n'
+    LOOP
+        IF r.conname <> r.wanted THEN
+            EXECUTE format('ALTER TABLE orderbook_data RENAME CONSTRAINT %I TO %I',
+                           r.conname, r.wanted);
+        END IF;
+    END LOOP;
+END $$;
+"""
+
+
 def downgrade() -> None:
     op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
-    op.create_table("orderbook_data_plain", *_columns(NEXTVAL))
-    op.execute("ALTER SEQUENCE orderbook_data_id_seq OWNED BY orderbook_data_plain.id")
+    op.rename_table("orderbook_data", "orderbook_data_partitioned")
+    op.create_table("orderbook_data", *_columns(NEXTVAL))
+    op.execute("ALTER SEQUENCE orderbook_data_id_seq OWNED BY orderbook_data.id")
     columns = ", ".join(f'"{c.name}"' for c in _columns(NEXTVAL))
-    op.execute(f"INSERT INTO orderbook_data_plain ({columns}) SELECT {columns} FROM orderbook_data")
-    op.drop_table("orderbook_data")
-    op.rename_table("orderbook_data_plain", "orderbook_data")
+    op.execute(
+        f"INSERT INTO orderbook_data ({columns}) SELECT {columns} FROM orderbook_data_partitioned"
+    )
+    op.drop_table("orderbook_data_partitioned")
+    op.execute(_NOT_NULL_NAMES_AS_CREATED_BY_HAND)
     op.create_primary_key("orderbook_data_pkey", "orderbook_data", ["id"])
     for name, index_columns in INDEXES.items():
         op.create_index(name, "orderbook_data", list(index_columns))
