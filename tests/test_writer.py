@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import logging
 import uuid
 from collections import Counter
@@ -303,3 +305,33 @@ async def test_without_a_usable_spool_the_writer_still_writes(
         await repo.flush()
     assert await stored_multiset(settings) == expected(added)
     assert any("spool unavailable" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_real_file_streamed_through_add_is_stored_row_for_row_in_order(
+    writer_repo: OrderbookRepository, settings: Settings, real_quotes_text: str
+) -> None:
+    """All 9,999 rows (416 share a timestamp with another), in the order added, exactly."""
+    records = list(csv.DictReader(io.StringIO(real_quotes_text)))
+    assert len(records) == 9_999
+    for record in records:
+        await writer_repo.add(record)  # strings straight from the file, as a collector has them
+    await writer_repo.flush()
+
+    conn = await asyncpg.connect(**settings.asyncpg_connect_kwargs())
+    try:
+        stored = await conn.fetch(
+            "SELECT " + ", ".join(f'"{c}"' for c in QUOTE_COLUMNS) + " FROM orderbook_data"
+            " ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in stored] == [
+        (
+            r["exchange"],
+            r["symbol"],
+            int(r["timestamp"]),
+            int(r["local_timestamp"]),
+            *(Decimal(r[c]) for c in QUOTE_COLUMNS[4:]),
+        )
+        for r in records
+    ]
