@@ -24,7 +24,7 @@ import pyarrow as pa
 from orderbook_store.quote import DEFAULT_EXCHANGE
 
 from .base import ImportOptions, Reader
-from .rows import Checked, check
+from .rows import ROW_SCHEMA, Checked, check
 from .source import Digest, ImportUnit, head_of, iter_lines, open_binary
 
 NAME: Final = "binance-bookticker-jsonl"
@@ -44,20 +44,9 @@ RECEIVE_TIME_KEYS: Final = (
     "received_at",
     "localTimestamp",
 )
+#: Each parsed line: where it came from, why it failed (if it did), then the table's columns.
 _SCHEMA: Final = pa.schema(
-    [
-        ("line", pa.int64()),
-        ("text", pa.string()),
-        ("error", pa.string()),
-        ("exchange", pa.string()),
-        ("symbol", pa.string()),
-        ("timestamp", pa.int64()),
-        ("local_timestamp", pa.int64()),
-        ("ask_amount", pa.string()),
-        ("ask_price", pa.string()),
-        ("bid_price", pa.string()),
-        ("bid_amount", pa.string()),
-    ]
+    [("line", pa.int64()), ("text", pa.string()), ("error", pa.string()), *ROW_SCHEMA]
 )
 
 
