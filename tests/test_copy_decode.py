@@ -26,14 +26,6 @@ from orderbook_store.copy_decode import (
 T0 = 1_700_000_000_000_000
 
 
-@pytest.fixture(autouse=True)
-async def _leave_the_table_empty(engine):
-    """Rows left behind would be seen by other modules' tests (e.g. the default partition)."""
-    yield
-    async with engine.begin() as conn:
-        await conn.exec_driver_sql("TRUNCATE orderbook_data")
-
-
 def _bits(values: np.ndarray) -> list[int]:
     return [struct.unpack("<q", struct.pack("<d", v))[0] for v in values.tolist()]
 

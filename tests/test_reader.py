@@ -29,14 +29,6 @@ T0 = 1582329600000000  # 2020-02-22 00:00:00 UTC
 DAY = 86_400_000_000
 
 
-@pytest.fixture(autouse=True)
-async def _leave_the_table_empty(engine):
-    """Rows left behind would be seen by other modules' tests (e.g. the default partition)."""
-    yield
-    async with engine.begin() as conn:
-        await conn.exec_driver_sql("TRUNCATE orderbook_data")
-
-
 def _file_rows(path: Path) -> list[dict[str, str]]:
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))

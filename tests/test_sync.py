@@ -16,14 +16,6 @@ T0 = 1582329600000000
 DAY = 86_400_000_000
 
 
-@pytest.fixture(autouse=True)
-async def _leave_the_table_empty(engine):
-    """Rows left behind would be seen by other modules' tests (e.g. the default partition)."""
-    yield
-    async with engine.begin() as conn:
-        await conn.exec_driver_sql("TRUNCATE orderbook_data")
-
-
 def _rows(symbol: str, n: int) -> list[dict[str, object]]:
     return [
         {

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from tls import ServerPki, TlsPostgres, write_server_pki
 
 from orderbook_store import migrations
 from orderbook_store.doctor import run_checks
@@ -24,6 +23,7 @@ from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
 from pgserver import TemporaryPostgres
+from tls import ServerPki, TlsPostgres, write_server_pki
 
 pytestmark = pytest.mark.fault
 

@@ -7,8 +7,7 @@ import csv
 import io
 import logging
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,40 +18,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from orderbook_store.copy_encode import encode_copy_text
 from orderbook_store.errors import InvalidQuote
 from orderbook_store.models import QUOTE_COLUMNS
-from orderbook_store.quote import QuoteRow, to_row
+from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.spool import Spool, target_dirname
 from orderbook_store.synthetic import QuoteWalk
 
-Row = tuple[object, ...]
-
-
-def as_multiset(rows: Iterable[QuoteRow]) -> Counter[Row]:
-    """Rows as the database returns them (Decimal for numerics), counted."""
-    return Counter(
-        (*row[:4], *(None if v is None else Decimal(v) for v in row[4:]))  # type: ignore[arg-type]
-        for row in rows
-    )
-
-
-async def stored_multiset(settings: Settings) -> Counter[Row]:
-    conn = await asyncpg.connect(**settings.asyncpg_connect_kwargs())
-    try:
-        records = await conn.fetch(
-            "SELECT " + ", ".join(f'"{c}"' for c in QUOTE_COLUMNS) + " FROM orderbook_data"
-        )
-    finally:
-        await conn.close()
-    return Counter(tuple(r) for r in records)
+from stored import expected, stored_multiset
 
 
 def quotes(count: int, seed: int = 3) -> list[dict[str, object]]:
     return QuoteWalk(("BTCUSDT", "ETHUSDT", "SOLUSDT"), seed=seed).take(count)
-
-
-def expected(quote_dicts: Iterable[Mapping[str, object]]) -> Counter[Row]:
-    return as_multiset(to_row(q) for q in quote_dicts)
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import sys
 import textwrap
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from decimal import Decimal
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -26,41 +25,18 @@ import pytest
 from orderbook_store import migrations
 from orderbook_store.copy_encode import encode_copy_text
 from orderbook_store.engine import create_engine
-from orderbook_store.models import QUOTE_COLUMNS
-from orderbook_store.quote import QuoteRow, to_row
+from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.spool import Spool, target_dirname
 from orderbook_store.synthetic import QuoteWalk
 
 from pgserver import TemporaryPostgres
+from stored import Row, expected, stored_multiset
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
-Row = tuple[object, ...]
 APP = "obs-writer-under-test"
-
-
-def as_multiset(rows: Iterable[QuoteRow]) -> Counter[Row]:
-    return Counter(
-        (*row[:4], *(None if v is None else Decimal(v) for v in row[4:]))  # type: ignore[arg-type]
-        for row in rows
-    )
-
-
-def expected(quote_dicts: Iterable[Mapping[str, object]]) -> Counter[Row]:
-    return as_multiset(to_row(q) for q in quote_dicts)
-
-
-async def stored_multiset(settings: Settings) -> Counter[Row]:
-    conn = await asyncpg.connect(**settings.asyncpg_connect_kwargs())
-    try:
-        records = await conn.fetch(
-            "SELECT " + ", ".join(f'"{c}"' for c in QUOTE_COLUMNS) + " FROM orderbook_data"
-        )
-    finally:
-        await conn.close()
-    return Counter(tuple(r) for r in records)
 
 
 @pytest.fixture
