@@ -153,7 +153,8 @@ class TemporaryPostgres:
     def settings(self, dbname: str = "postgres", **overrides: object) -> Settings:
         return Settings(database_url=self.url(dbname), **overrides)
 
-    def psql(self, sql: str, dbname: str = "postgres") -> str:
+    def psql(self, sql: str, dbname: str = "postgres", *, port: int | None = None) -> str:
+        """Run ``sql`` with psql as user postgres; ``port`` reaches a proxy in front instead."""
         result = self._run(
             self._bin("psql"),
             "-X",
@@ -164,7 +165,7 @@ class TemporaryPostgres:
             "-h",
             "127.0.0.1",
             "-p",
-            str(self.port),
+            str(self.port if port is None else port),
             "-U",
             "postgres",
             "-d",

@@ -22,7 +22,6 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from tls import ServerPki, write_server_pki
 
 from orderbook_store import migrations
 from orderbook_store.doctor import run_checks
@@ -33,6 +32,7 @@ from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
 from pgserver import SYSTEM_USER, TemporaryPostgres, free_port
+from tls import ServerPki, write_server_pki
 
 pytestmark = pytest.mark.fault
 
@@ -147,22 +147,7 @@ logfile = {self.root}/pgbouncer.log
 
     def admin(self, command: str) -> str:
         """A command on PgBouncer's admin console (``SHOW POOLS``...), through psql."""
-        result = self.server._run(
-            self.server._bin("psql"),
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-U",
-            "postgres",
-            "-d",
-            "pgbouncer",
-            "-c",
-            command,
-        )
-        return result.stdout
+        return self.server.psql(command, "pgbouncer", port=self.port)
 
     def settings(self, **overrides: object) -> Settings:
         values: dict[str, object] = {
