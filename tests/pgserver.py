@@ -32,6 +32,30 @@ from orderbook_store.settings import Settings
 SYSTEM_USER = "embedded_postgres"
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A helper command's failure that shows what the command printed on stderr."""
+
+    def __str__(self) -> str:
+        stderr = (self.stderr or "").strip() or "(nothing on stderr)"
+        return f"{super().__str__()}\n--- stderr of {self.cmd[0]} ---\n{stderr}"
+
+
+def run_command(
+    args: list[str], *, check: bool = True, timeout_s: float = 120, **popen: object
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` capturing text; a failure raises ``CommandFailed`` (stderr shown)."""
+    result = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        **popen,  # type: ignore[call-overload]
+    )
+    if check and result.returncode != 0:
+        raise CommandFailed(result.returncode, args, result.stdout, result.stderr)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,14 +115,7 @@ class TemporaryPostgres:
         return str(POSTGRES_BIN_PATH / name)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(args),
-            check=check,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            **self._run_as,  # type: ignore[call-overload]
-        )
+        return run_command(list(args), check=check, **self._run_as)
 
     def init(self) -> None:
         os.chmod(self.root, 0o777)

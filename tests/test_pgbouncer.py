@@ -31,7 +31,7 @@ from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
-from pgserver import SYSTEM_USER, TemporaryPostgres, free_port
+from pgserver import SYSTEM_USER, CommandFailed, TemporaryPostgres, free_port
 from tls import ServerPki, write_server_pki
 
 pytestmark = pytest.mark.fault
@@ -100,12 +100,15 @@ logfile = {self.root}/pgbouncer.log
 {tls}"""
         )
         run_as: dict[str, object] = {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
-        self.process = subprocess.Popen(
-            [self.binary, str(ini)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            **run_as,  # type: ignore[arg-type]
-        )
+        # In the foreground PgBouncer logs to stderr as well as to its logfile: a file, never a
+        # pipe nobody reads (a full pipe would stop PgBouncer in the middle of a test).
+        with open(self.root / "stderr.log", "wb") as stderr:
+            self.process = subprocess.Popen(
+                [self.binary, str(ini)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                **run_as,  # type: ignore[arg-type]
+            )
         try:
             self._wait_listening()
         except BaseException:
@@ -120,8 +123,7 @@ logfile = {self.root}/pgbouncer.log
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"pgbouncer exited: {err or self.log()}")
+                raise RuntimeError(f"pgbouncer exited: {self.stderr() or self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
@@ -137,17 +139,29 @@ logfile = {self.root}/pgbouncer.log
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log(self) -> str:
         path = self.root / "pgbouncer.log"
         return path.read_text() if path.exists() else ""
 
+    def stderr(self) -> str:
+        path = self.root / "stderr.log"
+        return path.read_text() if path.exists() else ""
+
     def admin(self, command: str) -> str:
-        """A command on PgBouncer's admin console (``SHOW POOLS``...), through psql."""
-        return self.server.psql(command, "pgbouncer", port=self.port)
+        """A command on PgBouncer's admin console (``SHOW POOLS``...), through psql; a failure
+        shows psql's message, whether PgBouncer still runs, and the end of its log."""
+        try:
+            return self.server.psql(command, "pgbouncer", port=self.port)
+        except CommandFailed as failed:
+            assert self.process is not None
+            state = "running" if self.process.poll() is None else f"exited {self.process.poll()}"
+            log_tail = "\n".join(self.log().splitlines()[-40:])
+            raise AssertionError(
+                f"{failed}\n--- pgbouncer on port {self.port} ({state}), end of its log ---\n"
+                f"{log_tail}"
+            ) from failed
 
     def settings(self, **overrides: object) -> Settings:
         values: dict[str, object] = {
