@@ -142,9 +142,29 @@ class TemporaryPostgres:
                 fh.write(f"{key} = {value}\n")
 
     def start(self) -> None:
-        self._run(
-            self._bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "start"
-        )
+        for _attempt in range(5):
+            try:
+                self._run(
+                    self._bin("pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "start",
+                )
+                return
+            except CommandFailed:
+                log = self.logfile.read_text() if self.logfile.exists() else ""
+                if "Address already in use" not in log:
+                    raise
+            # The port was taken between free_port() and the server's bind: use another
+            # (the last setting in postgresql.conf wins).
+            self.port = free_port()
+            self.logfile.unlink(missing_ok=True)
+            with open(self.datadir / "postgresql.conf", "a") as fh:
+                fh.write(f"port = {self.port}\n")
+        raise RuntimeError(f"no free port for the test server after 5 tries: {self.root}")
 
     def stop(self, mode: str = "fast") -> None:
         self._run(self._bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")

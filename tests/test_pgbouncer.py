@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -71,8 +72,20 @@ class PgBouncer:
 
     def __enter__(self) -> PgBouncer:
         os.chmod(self.root, 0o777)
-        ini = self.root / "pgbouncer.ini"
         (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        try:
+            for _attempt in range(5):
+                if self._start():
+                    return self
+                # The port was taken between free_port() and PgBouncer's bind: another.
+                self.port = free_port()
+            raise RuntimeError(f"pgbouncer found no free port: {self.log()}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _start(self) -> bool:
+        """Start PgBouncer on ``self.port``; False if that port turned out to be taken."""
         tls = ""
         if self.client_tls is not None:  # clients must use TLS, as on DigitalOcean's pools
             tls = (
@@ -80,6 +93,7 @@ class PgBouncer:
                 f"client_tls_cert_file = {self.client_tls.cert_file}\n"
                 f"client_tls_key_file = {self.client_tls.key_file}\n"
             )
+        ini = self.root / "pgbouncer.ini"
         ini.write_text(
             f"""\
 [databases]
@@ -99,6 +113,7 @@ ignore_startup_parameters = {self.ignore_startup_parameters}
 logfile = {self.root}/pgbouncer.log
 {tls}"""
         )
+        (self.root / "pgbouncer.log").unlink(missing_ok=True)
         run_as: dict[str, object] = {"user": SYSTEM_USER} if os.geteuid() == 0 else {}
         # In the foreground PgBouncer logs to stderr as well as to its logfile: a file, never a
         # pipe nobody reads (a full pipe would stop PgBouncer in the middle of a test).
@@ -109,26 +124,23 @@ logfile = {self.root}/pgbouncer.log
                 stderr=stderr,
                 **run_as,  # type: ignore[arg-type]
             )
-        try:
-            self._wait_listening()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        return self._wait_listening()
 
-    def _wait_listening(self) -> None:
-        import socket
-
+    def _wait_listening(self) -> bool:
+        """Wait for PgBouncer's own word that it listens (a successful connect alone could
+        reach another listener that took the port, while PgBouncer exits for lack of it)."""
+        listening = f"listening on 127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process is not None
+            log = self.log()
             if self.process.poll() is not None:
-                raise RuntimeError(f"pgbouncer exited: {self.stderr() or self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+                if "Address already in use" in log:
+                    return False
+                raise RuntimeError(f"pgbouncer exited: {self.stderr() or log}")
+            if listening in log and "process up" in log:
+                return True
+            time.sleep(0.02)
         raise RuntimeError(f"pgbouncer did not listen within 30 s: {self.log()}")
 
     def __exit__(self, *exc_info: object) -> None:
@@ -227,6 +239,23 @@ async def test_migrations_writer_and_reader_work_through_pgbouncer(
     assert any(line.startswith(f"{DB}|postgres|") for line in pools.splitlines()), pools
     config = bouncer.admin("SHOW CONFIG")
     assert any(line.startswith("pool_mode|transaction|") for line in config.splitlines())
+
+
+def test_a_port_taken_by_another_listener_is_not_mistaken_for_pgbouncer(
+    bouncer: PgBouncer,
+) -> None:
+    """The harness itself: a port that another process grabbed between free_port() and
+    PgBouncer's bind is noticed (PgBouncer exits), and PgBouncer starts on another one."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        pool = PgBouncer(bouncer.server)
+        pool.port = taken
+        with pool:
+            assert pool.port != taken
+            assert pool.process is not None and pool.process.poll() is None
+            assert pool.admin("SHOW VERSION").startswith("PgBouncer")
 
 
 def test_port_25061_means_pgbouncer() -> None:
