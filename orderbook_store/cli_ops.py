@@ -1,13 +1,13 @@
-"""Operator commands: ``orderbook-store doctor`` and ``orderbook-store roles --print-sql``.
+"""Operator commands: ``orderbook-store doctor``, ``roles --print-sql`` and ``dead-letters``.
 
-``register(app)`` adds both to the main ``orderbook-store`` Typer app; ``python -m
-orderbook_store.cli_ops`` runs them on their own. Both read the same ``Settings`` as the
-library and never print the password.
+``register(app)`` adds them to the main ``orderbook-store`` Typer app. They read the same
+``Settings`` as the library and never print the password.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -80,7 +80,44 @@ def roles(
     typer.echo(roles_sql(RoleNames(owner=owner, writer=writer, reader=reader), schema), nl=False)
 
 
+def dead_letters(json_output: JsonFlag = False) -> None:
+    """List the rows the server refused (a constraint, the encoding...), with its reasons.
+
+    Writers keep them in ``dead-letters.jsonl`` beside the spool of the configured database;
+    each line there is one JSON object. Exits 0 whether or not there are any.
+    """
+    from . import dead_letters as letters_file
+    from .doctor import dead_letter_file
+
+    path = dead_letter_file(Settings())
+    letters = letters_file.read(path)
+    if json_output:
+        typer.echo(json.dumps([asdict(letter) for letter in letters], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if letters:
+        table = Table(title_justify="left")
+        for column in ("time", "sqlstate", "reason", "symbol", "timestamp"):
+            table.add_column(column, overflow="fold")
+        for letter in letters:  # server and quote text as Text: never read as markup
+            cells = (
+                letter.time,
+                letter.sqlstate or "",
+                letter.reason,
+                str(letter.row.get("symbol")),
+                str(letter.row.get("timestamp")),
+            )
+            table.add_row(*(Text(cell) for cell in cells))
+        console.print(table)
+    console.print(f"{len(letters)} refused row(s) in {path}", markup=False, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``doctor`` and ``roles`` to ``app`` (the ``orderbook-store`` command)."""
+    """Add ``doctor``, ``roles`` and ``dead-letters`` to ``app`` (``orderbook-store``)."""
     app.command("doctor")(doctor)
     app.command("roles")(roles)
+    app.command("dead-letters")(dead_letters)

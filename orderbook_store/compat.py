@@ -33,6 +33,7 @@ import datetime as dt
 import gzip
 import io
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -42,7 +43,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_engine
-from orderbook_store.errors import ConfigError, InvalidQuote, OrderbookStoreError
+from orderbook_store.errors import ConfigError, InvalidQuote, OrderbookStoreError, WritesBlocked
+from orderbook_store.failures import FailureClass, classify
 from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.quote import QuoteRow, to_row
 from orderbook_store.repository import OrderbookRepository
@@ -54,6 +56,9 @@ if TYPE_CHECKING:
 __all__ = ["DataManager", "FileStorage", "PostgreSQLManager", "StorageBackend"]
 
 logger = logging.getLogger(__name__)
+
+#: While writes are blocked, ``save_record`` repeats the ERROR line at most this often.
+_BLOCKED_LOG_EVERY_S = 60.0
 
 #: The header of a tardis.dev ``quotes`` CSV file, which is the table's column list.
 CSV_HEADER: tuple[str, ...] = QUOTE_COLUMNS
@@ -102,6 +107,7 @@ class PostgreSQLManager:
         self.repository: OrderbookRepository | None = None
         self.saved = 0
         self.rejected = 0
+        self._blocked_said: tuple[str | None, float] = (None, float("-inf"))
 
     async def connect(self) -> None:
         """Create the engine and the repository, and check the server once.
@@ -118,14 +124,29 @@ class PostgreSQLManager:
             async with self.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # the message is the engine's, already password-free
-            logger.warning(
-                "PostgreSQLManager: %s is not reachable yet (%s); quotes are kept until it is",
-                self.settings.describe(),
-                type(exc).__name__,
-            )
+            failure = classify(exc, user=self.settings.user, database=self.settings.name)
+            if failure.kind is FailureClass.CONFIGURATION:
+                logger.error(
+                    "PostgreSQLManager: %s refuses this collector; to fix: %s. Quotes are "
+                    "kept (in the spool) until it is fixed",
+                    self.settings.describe(),
+                    failure.fix,
+                )
+            else:
+                logger.warning(
+                    "PostgreSQLManager: %s is not reachable yet (%s); quotes are kept until it is",
+                    self.settings.describe(),
+                    type(exc).__name__,
+                )
 
     async def save_record(self, record: Mapping[str, object]) -> bool:
-        """Queue one record; ``False`` (logged and counted) if it breaks a rule."""
+        """Queue one record; ``False`` (logged and counted) if it breaks a rule.
+
+        While the server refuses the collector for a reason that needs a fix (password,
+        privileges, missing schema, TLS), records are still kept (in the spool) and ``True``
+        is returned, and the cause and its fix are logged at ERROR (when it changes, then
+        once a minute).
+        """
         if self.repository is None:
             raise OrderbookStoreError("PostgreSQLManager.save_record() called before connect()")
         try:
@@ -135,15 +156,34 @@ class PostgreSQLManager:
             _log_rejected("PostgreSQLManager", exc, self.rejected)
             return False
         self.saved += 1
+        blocked = self.repository.writes_blocked
+        if blocked is not None:
+            self._say_blocked(blocked)
         return True
 
+    def _say_blocked(self, blocked: str) -> None:
+        said, when = self._blocked_said
+        now = time.monotonic()
+        if blocked != said or now - when >= _BLOCKED_LOG_EVERY_S:
+            self._blocked_said = (blocked, now)
+            logger.error("PostgreSQLManager: quotes are kept but not stored: %s", blocked)
+
     async def shutdown(self) -> None:
-        """Flush every saved record to the table, then release connections."""
+        """Flush every saved record to the table, then release connections.
+
+        Raises ``WritesBlocked`` (after logging it at ERROR with the fix) when the server
+        refused the collector for a reason that needs a fix: the records are kept in the
+        spool and written by the next start once it is fixed. Raises ``RowsLost`` if records
+        could be neither written nor spooled.
+        """
         repository, engine = self.repository, self.engine
         self.repository = self.engine = None
         try:
             if repository is not None:
                 await repository.close()
+        except WritesBlocked as exc:
+            logger.error("PostgreSQLManager: shutdown: %s", exc)
+            raise
         finally:
             if engine is not None:
                 await engine.dispose()

@@ -23,9 +23,12 @@ from orderbook_store.quote import QuoteRow
 __all__ = [
     "COPY_COLUMNS",
     "COPY_STATEMENT",
+    "MAX_ROW_BYTES",
     "NULL",
     "copy_columns",
+    "copy_lines",
     "copy_statement",
+    "decode_copy_line",
     "encode_copy_text",
     "escape_text",
 ]
@@ -38,6 +41,14 @@ COPY_COLUMNS: Final[tuple[str, ...]] = QUOTE_COLUMNS
 NULL: Final = "\\N"
 
 _ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPES: Final = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+
+#: The most bytes one validated row takes in COPY text: exchange (50 characters of up to four
+#: UTF-8 bytes), symbol (20), two 16-digit timestamps, four decimals of at most 21 characters
+#: (``quote.to_row`` never lets a longer one through) and the separators come to 404. A batch
+#: of ``n`` rows therefore never exceeds ``n * MAX_ROW_BYTES`` bytes, which is how the writer
+#: bounds batches and spool records in bytes without measuring them.
+MAX_ROW_BYTES: Final = 512
 
 
 def copy_columns() -> list[str]:
@@ -107,3 +118,39 @@ def encode_copy_text(rows: Iterable[QuoteRow]) -> bytes:
         ) in rows
     ]
     return "".join(lines).encode()
+
+
+def copy_lines(data: bytes) -> list[bytes]:
+    """COPY text split into its rows, each with its newline (a row never contains a raw
+    newline: the encoder escapes it)."""
+    return [line + b"\n" for line in data.split(b"\n")[:-1]]
+
+
+def _unescape(value: str) -> str | None:
+    if value == NULL:
+        return None
+    if "\\" not in value:
+        return value
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        pair = value[i : i + 2]
+        if pair in _UNESCAPES:
+            out.append(_UNESCAPES[pair])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def decode_copy_line(line: bytes) -> dict[str, str | int | None]:
+    """One row of :func:`encode_copy_text` back as ``{column: value}`` (timestamps as ints,
+    decimals as the exact strings sent); for reports such as the writer's dead letters."""
+    fields = [_unescape(value) for value in line.decode().rstrip("\n").split("\t")]
+    row: dict[str, str | int | None] = dict(zip(COPY_COLUMNS, fields, strict=True))
+    for column in ("timestamp", "local_timestamp"):
+        value = row.get(column)
+        if isinstance(value, str) and value.isdigit():
+            row[column] = int(value)
+    return row

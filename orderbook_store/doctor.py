@@ -27,7 +27,7 @@ from typing import Literal
 
 import asyncpg
 
-from . import migrations
+from . import dead_letters, migrations
 from .engine import connector
 from .errors import OrderbookStoreError
 from .models import OrderbookData
@@ -124,6 +124,7 @@ async def run_checks(settings: Settings) -> Report:
                 await conn.close(timeout=settings.connect_timeout_s)
     await _read_node_check(report, settings)
     _spool_check(report, settings)
+    _dead_letter_check(report, settings)
     return _scrubbed(report, settings)
 
 
@@ -491,6 +492,26 @@ def _spool_check(report: Report, settings: Settings) -> None:
         )
     else:
         report.add("spool", "ok", "empty", str(directory))
+
+
+def dead_letter_file(settings: Settings) -> Path:
+    """Where writers on this host keep the rows ``settings``' database refused."""
+    return spool_directory(settings) / dead_letters.FILE_NAME
+
+
+def _dead_letter_check(report: Report, settings: Settings) -> None:
+    path = dead_letter_file(settings)
+    count = len(dead_letters.read(path))
+    if count:
+        report.add(
+            "dead letters",
+            "warn",
+            f"{count:,} rows refused",
+            f"the server refused them (a constraint, the encoding...); kept in {path}: "
+            "`orderbook-store dead-letters` lists them with the server's reasons",
+        )
+    else:
+        report.add("dead letters", "ok", "none", str(path))
 
 
 def _owner_dirs(directory: Path) -> Iterator[Path]:

@@ -164,8 +164,10 @@ def unavailable(settings: Settings, exc: BaseException) -> DatabaseUnavailable:
     secret = settings.password.get_secret_value() if settings.password else ""
     if secret:
         reason = reason.replace(secret, "***")
-    return DatabaseUnavailable(
+    error = DatabaseUnavailable(
         f"cannot connect to PostgreSQL at {settings.host}:{settings.port} "
         f"(database {settings.name!r}, user {settings.user!r}, sslmode {settings.sslmode}): "
         f"{reason}"
     )
+    error.origin = exc
+    return error

@@ -18,8 +18,12 @@ class ConfigError(OrderbookStoreError, ValueError):
 class DatabaseUnavailable(OrderbookStoreError, ConnectionError):
     """The server could not be reached or refused the connection.
 
-    The message is one line: host, port, database, user and the reason.
+    The message is one line: host, port, database, user and the reason. ``origin`` is the
+    driver's exception, kept for classifying the failure (it is not chained, so tracebacks
+    stay one line).
     """
+
+    origin: BaseException | None = None
 
 
 class InvalidQuote(OrderbookStoreError, ValueError):
@@ -36,3 +40,33 @@ class InvalidQuote(OrderbookStoreError, ValueError):
         if len(shown) > 80:
             shown = shown[:77] + "..."
         super().__init__(f"invalid quote: {field}={shown}: {reason}")
+
+
+class WriterClosed(OrderbookStoreError):
+    """``add()`` was called once the writer's ``close()`` had begun: the quote was not taken."""
+
+
+class WriterBackpressure(OrderbookStoreError):
+    """``add()`` refused a quote because ``max_pending`` rows are held in memory and cannot go
+    to the spool (it is unusable, or the disk cannot keep up). The quote was not taken; the
+    caller may retry it once the writer catches up. ``accepted`` is how many quotes of an
+    ``add_many`` call were taken before it."""
+
+    accepted: int = 0
+
+
+class WritesBlocked(DatabaseUnavailable):
+    """The server refuses the writer for a reason retrying cannot fix (password, privileges,
+    missing schema, TLS, a read-only node). The rows are kept (in the spool) and written once
+    the cause is fixed; the message says what to fix. ``fix`` is that advice alone."""
+
+    fix: str = ""
+
+
+class RowsLost(OrderbookStoreError):
+    """``close()`` could neither write nor spool some rows (the database was down and the
+    spool unusable). ``rows`` is how many; the message says why."""
+
+    def __init__(self, message: str, rows: int) -> None:
+        super().__init__(message)
+        self.rows = rows

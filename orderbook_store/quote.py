@@ -32,7 +32,9 @@ The rules, and the choices made where the table alone does not decide:
     rejected, so what is stored is what was sent. A string keeps its exact spelling
     (``"9681.92"`` stays ``"9681.92"``); a float is taken at its shortest round-trip ``repr``
     (``9681.92`` -> ``"9681.92"``), which is the number the caller wrote; a ``Decimal`` is
-    written in plain, non-exponent form.
+    written in plain, non-exponent form. A crossed quote (ask below bid) is accepted: real
+    feeds carry them for an instant (a stale side, a fast market), and dropping them would
+    change the record of what the exchange sent.
 
 Every violation raises :class:`~orderbook_store.errors.InvalidQuote` naming the field, the value
 and what to do; it concerns that one quote only.
@@ -88,6 +90,7 @@ _EXCHANGE_MAX: Final = 50
 _INTEGER_LIMIT: Final = 10**12
 _INTEGER_DIGITS: Final = 12
 _SCALE: Final = 8
+_ONE_SCALED: Final = Decimal(1).scaleb(-_SCALE)
 
 #: A plain decimal string that certainly fits DECIMAL(20,8) and needs no rewriting. Anything
 #: else (exponents, signs, leading dot, more digits) takes the slower exact path.
@@ -166,8 +169,31 @@ def _sign_error(field: str, value: object, positive: bool) -> InvalidQuote:
     )
 
 
+def _parse_decimal(field: str, text: str) -> Decimal:
+    """``Decimal(text)`` for text already known to be decimal syntax; an exponent beyond what
+    ``Decimal`` can represent (``1e999999999999999999999``) is an ``InvalidQuote``."""
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        raise InvalidQuote(
+            field, text, "does not fit DECIMAL(20,8): its exponent is out of range"
+        ) from None
+
+
 def _from_decimal(field: str, value: object, number: Decimal, positive: bool) -> str:
-    """Exact check of any ``Decimal`` against DECIMAL(20,8); plain notation out, never rounded."""
+    """Exact check of any ``Decimal`` against DECIMAL(20,8); plain notation out, never rounded.
+
+    Out comes at most 21 characters (12 integer digits, the point, 8 decimals): zeros beyond
+    the 8th decimal, which the column would drop anyway, are dropped here, so no row grows
+    past ``copy_encode.MAX_ROW_BYTES`` however its value was spelled.
+    """
+    try:
+        return _checked_plain(field, value, number, positive)
+    except ArithmeticError:  # an exponent at the very edge of Decimal's range
+        raise InvalidQuote(field, value, "does not fit DECIMAL(20,8)") from None
+
+
+def _checked_plain(field: str, value: object, number: Decimal, positive: bool) -> str:
     if not number.is_finite():
         raise InvalidQuote(field, value, "must be a finite number (no NaN or infinity)")
     if not number:
@@ -192,6 +218,8 @@ def _from_decimal(field: str, value: object, number: Decimal, positive: bool) ->
             "has more than 8 decimal places; DECIMAL(20,8) would round it. "
             "Round it yourself, or pass a string with at most 8 decimals",
         )
+    if exponent < -_SCALE:
+        number = number.quantize(_ONE_SCALED)  # exact: only zeros go (checked just above)
     return format(number, "f")
 
 
@@ -209,7 +237,7 @@ def _decimal(field: str, value: object, positive: bool) -> str | None:
             if value.strip().lower().lstrip("+-") in _NON_FINITE:
                 raise InvalidQuote(field, value, "must be a finite number (no NaN or infinity)")
             raise InvalidQuote(field, value, "is not a decimal number such as '9681.92'")
-        return _from_decimal(field, value, Decimal(value), positive)
+        return _from_decimal(field, value, _parse_decimal(field, value), positive)
     if isinstance(value, float):  # includes numpy.float64
         text = repr(float(value))  # shortest round-trip: the number the caller wrote
         if _PLAIN_DECIMAL(text):
@@ -218,7 +246,7 @@ def _decimal(field: str, value: object, positive: bool) -> str | None:
             return text
         if not math.isfinite(value):
             raise InvalidQuote(field, value, "must be a finite number (no NaN or infinity)")
-        return _from_decimal(field, value, Decimal(text), positive)
+        return _from_decimal(field, value, _parse_decimal(field, text), positive)
     if value is None:
         return None
     if isinstance(value, bool):

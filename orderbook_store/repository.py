@@ -77,13 +77,18 @@ class OrderbookRepository:
 
         Rows that cannot be written in time stay in the durable spool and are written at the
         next start; one log line says how many and where. Never raises for an unreachable
-        server. A repository that never wrote touches neither the database nor the spool.
+        server; raises ``WritesBlocked`` when a configuration failure (password, privileges,
+        missing schema, TLS) kept rows from the table, naming the fix, and ``RowsLost`` with
+        the count if rows could be neither written nor spooled. A repository that never wrote
+        touches neither the database nor the spool.
         """
-        if self._writer is not None:
-            await self._writer.close(timeout_s)
-        if self._read_engine is not None:
-            await self._read_engine.dispose()
-            self._read_engine = self._reader = None
+        try:
+            if self._writer is not None:
+                await self._writer.close(timeout_s)
+        finally:
+            if self._read_engine is not None:
+                await self._read_engine.dispose()
+                self._read_engine = self._reader = None
 
     # -- buffered writes (the collector's path; see orderbook_store.writer) ---------------
 
@@ -101,7 +106,11 @@ class OrderbookRepository:
         ``quote`` is a ``Quote`` or a mapping with the table's column names. Costs about a
         microsecond or two. Raises ``InvalidQuote`` (naming the field and value) for a quote
         that breaks a rule; nothing else is affected. Buffered quotes are written in the
-        background by COPY, at least every ``flush_interval_s``.
+        background by COPY, at least every ``flush_interval_s``. A quote ``add`` returned for
+        is written by the time ``close()`` returns, or kept in the spool. Raises
+        ``WriterClosed`` once ``close()`` has begun, and ``WriterBackpressure`` when
+        ``max_pending`` rows are held and the spool cannot take them; that quote was not taken.
+        Crossed quotes (ask below bid) are accepted: real feeds have them for an instant.
         """
         writer = self._writer
         if writer is None:
@@ -127,9 +136,23 @@ class OrderbookRepository:
         await self._write_path().flush(timeout_s)
 
     def stats(self) -> WriterStats:
-        """The writer's counters: rows added, written, spooled, replayed, rejected, retries,
-        batches, and batch write latency (last, p50, p99). No I/O."""
+        """The writer's counters: rows added, written, spooled, replayed, rejected, refused,
+        retries, batches, batch write latency (last, p50, p99) and the last error. No I/O."""
         return self._write_path().stats()
+
+    @property
+    def writes_blocked(self) -> str | None:
+        """Why writes are failing for a reason that needs a fix, with the fix; else ``None``.
+
+        Set while the server refuses the writer (password, privileges, missing schema, TLS,
+        read-only node); the rows are kept meanwhile. Costs an attribute lookup.
+        """
+        return self._writer.writes_blocked if self._writer is not None else None
+
+    @property
+    def dead_letter_path(self) -> Path:
+        """The file rows the server refused are kept in (see ``orderbook_store.dead_letters``)."""
+        return self._write_path().dead_letter_path
 
     # -- bulk writes ---------------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     idle_in_transaction_session_timeout_ms: int = Field(60_000, ge=0)
     flush_interval_s: float = Field(0.2, gt=0)
     max_pending: int = Field(200_000, ge=1)
+    max_batch_rows: int = Field(50_000, ge=1, le=10_000_000)
+    max_batch_bytes: int = Field(32 << 20, ge=1 << 16, le=1 << 30)
     spool_dir: Path | None = None
     pgbouncer: bool | None = None
     partition_period: Literal["day", "week", "month"] = "day"

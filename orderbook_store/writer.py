@@ -2,23 +2,43 @@
 
 How a quote travels
     ``add()`` validates the quote (``quote.to_row``, about a microsecond), appends the row to an
-    in-memory list and returns. It never awaits the database. One background task takes *all*
-    pending rows whenever ``batch_size`` rows are waiting or ``flush_interval_s`` has passed,
-    encodes them as COPY text and writes them in one transaction: ``COPY orderbook_data FROM
+    in-memory list and returns. It never awaits the database. One background task takes the
+    pending rows (up to the batch bounds below) whenever ``batch_size`` rows are waiting or
+    ``flush_interval_s`` has passed, encodes them as COPY text and writes them in one
+    transaction: ``COPY orderbook_data FROM
     STDIN`` plus one row in the ledger table ``orderbook_write_batches`` carrying the batch's
     id. While that write is in flight new rows keep collecting, and the next write takes them
     all (group commit): batches grow with the load and the per-transaction cost is shared.
 
-When the database cannot take a batch
-    (lost connection, server restart or failover, full pool, timeout) the batch goes to the
-    durable disk spool (:mod:`orderbook_store.spool`) under its id, and so does every batch
-    formed until the server answers again. Retries back off exponentially (capped, with
-    jitter); meanwhile what is pending is spooled every ``flush_interval_s``. Once a write
-    succeeds the spool is replayed in order before anything newer, so rows reach the table in
-    the order they were added (one exception: a batch whose write fails while newer rows had
-    already overflowed to the spool is replayed after them). A process that died (even by
-    SIGKILL) leaves its spool behind; the next writer on the same database adopts and replays
-    it at its start, and a running writer looks for such leftovers hourly.
+When a write fails
+    the failure is classified (:mod:`orderbook_store.failures`) and handled by its class:
+
+    * *passing* (lost connection, server restart or failover, full pool, no answer): the
+      batch goes to the durable disk spool (:mod:`orderbook_store.spool`) under its id, and so
+      does every batch formed until the server answers again. Retries back off exponentially
+      (capped, with jitter). Once a write succeeds the spool is replayed in order before
+      anything newer, so rows reach the table in the order they were added (one exception: a
+      batch whose write fails while newer rows had already overflowed to the spool is
+      replayed after them). A process that died (even by SIGKILL) leaves its spool behind;
+      the next writer on the same database adopts and replays it at its start, and a running
+      writer looks for such leftovers hourly.
+    * *too big* (statement or lock timeout): the batch is written again at once, in the same
+      transaction as smaller COPY statements, each half of one that timed out, until they
+      fit. The writer remembers the size that fit for the next batches.
+    * *rows refused* (data exception or integrity violation: a CHECK a DBA added, a character
+      the database encoding cannot store): the batch is written again at once, bisected under
+      savepoints until each refused row is found; every other row is written and each refused
+      row goes to the dead-letter file beside the spool with the server's reason
+      (:mod:`orderbook_store.dead_letters`), one log line per batch. Nothing waits behind it.
+    * *configuration* (password, privileges, missing schema, unknown database, TLS, read-only
+      node): the rows are kept as for a passing failure and retried every
+      ``config_retry_s``; ``flush()`` raises :class:`~orderbook_store.errors.WritesBlocked`
+      naming the cause and the fix, ``stats()`` carries it, and ``writes_blocked`` has it for
+      a cheap check. Fixing the cause lets the kept rows through without a restart.
+
+Bounds
+    A batch (and so a spool record) holds at most ``max_batch_rows`` rows and at most
+    ``max_batch_bytes`` bytes of COPY text (``copy_encode.MAX_ROW_BYTES`` per row at worst).
 
 Exactly once
     The ledger insert and the rows share one transaction, and the ledger insert comes first
@@ -29,24 +49,33 @@ Exactly once
 
 Memory
     At most ``max_pending`` rows wait in memory: beyond that they are moved to the spool by a
-    worker thread (never dropped, never blocking the event loop). ``add`` yields to the event
-    loop once every ``_YIELD_EVERY_ROWS`` calls while a batch is ready, so a caller adding in a
-    tight loop still lets the write progress.
+    worker thread (never dropped, never blocking the event loop). Should the disk fall behind
+    by another ``max_pending`` rows, ``add`` awaits it (the disk, never the database). When the
+    spool is unusable, ``add`` raises :class:`~orderbook_store.errors.WriterBackpressure`
+    instead of taking the quote, so memory stays bounded and the caller knows. ``add`` yields
+    to the event loop once every ``_YIELD_EVERY_ROWS`` calls while a batch is ready, so a
+    caller adding in a tight loop still lets the write progress.
 
 Contracts
-    ``flush(timeout_s=None)`` returns once every row added before the call is committed (the
-    first flush of a writer also waits for what it adopted from the spool). With a
-    timeout that passes first it makes all those rows durable in the spool and raises
-    ``DatabaseUnavailable`` saying so; they are written when the server is back (by this
-    writer, or at the next start). ``close(timeout_s)`` flushes with that timeout, stops the
-    task and releases the spool; whatever could not be written stays in the spool and one log
-    line says how much and where. ``close`` never raises for an unreachable server.
+    An ``add()`` that returned has its row written by the time ``close()`` returns, or kept in
+    the spool; once ``close()`` has begun, ``add()`` raises
+    :class:`~orderbook_store.errors.WriterClosed`. ``flush(timeout_s=None)`` returns once
+    every row added before the call is committed (the first flush of a writer also waits for
+    what it adopted from the spool). With a timeout that passes first it makes all those rows
+    durable in the spool and raises ``DatabaseUnavailable`` saying so; they are written when
+    the server is back (by this writer, or at the next start). ``close(timeout_s)`` flushes
+    with that timeout, stops the task and releases the spool; rows not written in time stay
+    in the spool and one log line says how many and where. ``close`` raises
+    :class:`~orderbook_store.errors.WritesBlocked` when a configuration failure kept rows from
+    the table, and :class:`~orderbook_store.errors.RowsLost` with the count when rows could be
+    neither written nor spooled; it never raises for a server that is merely unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -56,14 +85,30 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import bindparam, delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .copy_encode import COPY_COLUMNS, encode_copy_text
-from .errors import DatabaseUnavailable, InvalidQuote, OrderbookStoreError
+from . import dead_letters
+from .copy_encode import (
+    COPY_COLUMNS,
+    MAX_ROW_BYTES,
+    copy_lines,
+    decode_copy_line,
+    encode_copy_text,
+)
+from .errors import (
+    DatabaseUnavailable,
+    InvalidQuote,
+    RowsLost,
+    WriterBackpressure,
+    WriterClosed,
+    WritesBlocked,
+)
+from .failures import Failure, FailureClass, classify, failure_chain, sqlstate_of
 from .models import OrderbookData, WriteBatch
 from .quote import Quote, QuoteRow, to_row
 from .settings import Settings
@@ -85,6 +130,10 @@ _COPY_CHUNK_ROWS = 4096
 #: How often (seconds) the ledger is pruned and the spool directory looked at for batches
 #: left by writers that stopped while this one runs.
 _PRUNE_EVERY_S = 3600.0
+#: Clean writes in a row after which the COPY statement size, lowered by a timeout, doubles.
+_GROW_AFTER_CLEAN_WRITES = 16
+#: A configuration failure is logged at ERROR when it changes, else at most this often.
+_CONFIG_LOG_EVERY_S = 60.0
 
 _TABLE = OrderbookData.__tablename__
 
@@ -106,8 +155,12 @@ class WriterStats:
     ``rows_written`` counts rows this writer committed (directly or from the spool);
     ``rows_replayed`` the part of them that came back from the spool, including batches
     adopted from a writer that stopped; ``rows_spooled`` rows this writer put in the spool;
-    ``retries`` failed write attempts that were retried; ``batches`` committed transactions.
-    Latencies are of one batch's write (pool checkout, COPY, commit), in seconds.
+    ``rows_rejected`` quotes ``add`` refused as invalid; ``rows_refused`` rows the server
+    refused, now in the dead-letter file; ``retries`` failed write attempts that were retried;
+    ``batches`` committed transactions. Latencies are of one batch's write (pool checkout,
+    COPY, commit), in seconds. ``last_error`` describes the latest failure while writes are
+    failing (with the fix, for a configuration failure) and ``failure_class`` names its class
+    (``"passing"``, ``"configuration"``...); both are ``None`` once a write succeeds.
     """
 
     rows_added: int
@@ -115,6 +168,7 @@ class WriterStats:
     rows_spooled: int
     rows_replayed: int
     rows_rejected: int
+    rows_refused: int
     rows_pending: int
     rows_in_spool: int
     retries: int
@@ -122,8 +176,10 @@ class WriterStats:
     last_flush_latency_s: float | None
     flush_latency_p50_s: float | None
     flush_latency_p99_s: float | None
+    last_error: str | None = None
+    failure_class: str | None = None
 
-    def as_dict(self) -> dict[str, int | float | None]:
+    def as_dict(self) -> dict[str, int | float | str | None]:
         """The fields as a plain dict (what the log lines carry)."""
         return asdict(self)
 
@@ -137,7 +193,7 @@ class _Batch:
     rows: int
     row_list: list[QuoteRow] | None = None  # until encoded
     data: bytes = b""  # COPY text, once encoded (for the spool, or from it)
-    spooled: bool = False
+    spooled: bool = False  # set on the event loop's thread once the spool has it
 
     def encoded(self) -> bytes:
         if not self.data and self.row_list is not None:
@@ -146,9 +202,25 @@ class _Batch:
         return self.data
 
 
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A row the server refused inside a batch: its index, SQLSTATE and message."""
+
+    index: int
+    sqlstate: str | None
+    reason: str
+
+
 def _percentile(sorted_values: list[float], fraction: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+async def raw_connection(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under ``conn`` (for COPY, which SQLAlchemy does not wrap)."""
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw
 
 
 async def copy_rows(conn: AsyncConnection, data: bytes | AsyncIterable[bytes]) -> None:
@@ -157,8 +229,10 @@ async def copy_rows(conn: AsyncConnection, data: bytes | AsyncIterable[bytes]) -
     ``data`` is bytes or an async iterable of bytes. Runs inside ``conn``'s transaction, which
     must already have begun (execute something first: the asyncpg dialect begins lazily).
     """
-    raw = (await conn.get_raw_connection()).driver_connection
-    assert raw is not None
+    await _copy_raw(await raw_connection(conn), data)
+
+
+async def _copy_raw(raw: asyncpg.Connection, data: bytes | AsyncIterable[bytes]) -> None:
     # A memoryview, because asyncpg would take plain bytes for a file *path*.
     source = memoryview(data) if isinstance(data, bytes) else data
     await raw.copy_to_table(_TABLE, source=source, columns=list(COPY_COLUMNS), format="text")
@@ -179,6 +253,7 @@ class Writer:
         close_timeout_s: float = 30.0,
         retry_base_s: float = 0.05,
         retry_cap_s: float = 5.0,
+        config_retry_s: float = 5.0,
         ledger_retention_s: float = 7 * 86400.0,
     ) -> None:
         self._engine = engine
@@ -186,22 +261,38 @@ class Writer:
         self._batch_size = settings.batch_size
         self._flush_interval_s = settings.flush_interval_s
         self._max_pending = max(settings.max_pending, settings.batch_size)
+        #: Both bounds as one row count: no row encodes to more than MAX_ROW_BYTES.
+        self._max_batch_rows = max(
+            1, min(settings.max_batch_rows, settings.max_batch_bytes // MAX_ROW_BYTES)
+        )
+        #: Rows per COPY statement; lowered when one times out, grown back after clean writes.
+        self._copy_rows_limit = self._max_batch_rows
+        self._clean_writes = 0
         self._write_timeout_s = write_timeout_s
         self._close_timeout_s = close_timeout_s
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
+        self._config_retry_s = config_retry_s
         self._ledger_retention_s = ledger_retention_s
         root = settings.spool_dir if settings.spool_dir is not None else default_spool_dir()
         self.spool_dir = Path(root).expanduser() / target_dirname(
             settings.host, settings.port, settings.name
         )
+        #: Where rows the server refused are kept (see orderbook_store.dead_letters).
+        self.dead_letter_path = self.spool_dir / dead_letters.FILE_NAME
         self._spool = Spool(self.spool_dir)
         self._spool_ok = False
+        #: Why the spool last refused a batch; None while it takes them.
+        self._spool_error: str | None = None
         self._io_pool: ThreadPoolExecutor | None = None
 
         self._pending: list[QuoteRow] = []
         self._taken = 0  # rows moved out of _pending into batches
         self._outstanding: dict[uuid.UUID, _Batch] = {}  # formed, not yet committed, in order
+        #: Rows of outstanding batches that are in memory only (not in the spool).
+        self._unsafe_rows = 0
+        #: ``add`` takes its slow path once this many rows are pending (see _update_spill_at).
+        self._spill_at = self._max_pending
         self._unspooled: deque[_Batch] = deque()  # spill failed: kept in memory
         self._in_flight: _Batch | None = None
         self._spills: set[asyncio.Future[None]] = set()
@@ -212,14 +303,18 @@ class Writer:
         self._closing = False
         self._closed = False
         self._attempt = 0
+        self._failures = 0  # failed attempts ever (flush compares before and after)
         self._retry_at = 0.0
         self._last_error = ""
+        self._failure: Failure | None = None
+        self._config_logged: tuple[str, float] = ("", float("-inf"))
         self._last_prune = float("-inf")
         #: True until the records found in the spool at start have been replayed: ``flush``
         #: waits for them too (they are older than anything added here).
         self._backlog = True
 
         self._rejected = 0
+        self._refused = 0
         self._written = 0
         self._spooled = 0
         self._replayed = 0
@@ -236,8 +331,12 @@ class Writer:
     async def add(self, quote: Quote | Mapping[str, object]) -> None:
         """Validate ``quote`` and buffer it; returns at once, never awaiting the database.
 
-        Raises ``InvalidQuote`` for a quote that breaks a rule (nothing else is affected).
+        Raises ``InvalidQuote`` for a quote that breaks a rule (nothing else is affected),
+        ``WriterClosed`` once ``close()`` has begun and ``WriterBackpressure`` when the quote
+        can be neither held (``max_pending``) nor spooled; in each case it was not taken.
         """
+        if self._closing:
+            raise self._closed_error()
         try:
             row = to_row(quote)
         except InvalidQuote:
@@ -250,7 +349,7 @@ class Writer:
         # flusher), every _YIELD_EVERY_ROWS-th (gives the loop a turn) and overflow.
         if (
             n >= self._batch_size
-            and (n == self._batch_size or not n % _YIELD_EVERY_ROWS or n >= self._max_pending)
+            and (n == self._batch_size or not n % _YIELD_EVERY_ROWS or n >= self._spill_at)
         ) or self._task is None:
             await self._batch_ready(n)
 
@@ -258,29 +357,36 @@ class Writer:
         """``add`` each quote; returns how many were buffered.
 
         Every valid quote is buffered; if some were invalid, the first ``InvalidQuote`` is
-        raised after the others are in (``stats().rows_rejected`` counts them all).
+        raised after the others are in (``stats().rows_rejected`` counts them all). A
+        ``WriterBackpressure`` stops the call; its ``accepted`` says how many were taken.
         """
+        if self._closing:
+            raise self._closed_error()
         first_error: InvalidQuote | None = None
         accepted = 0
         pending = self._pending
-        for quote in quotes:
-            try:
-                row = to_row(quote)
-            except InvalidQuote as exc:
-                self._rejected += 1
-                if first_error is None:
-                    first_error = exc
-                continue
-            pending.append(row)
-            accepted += 1
-            n = len(pending)
-            if n >= self._batch_size and (
-                n == self._batch_size or not n % _YIELD_EVERY_ROWS or n >= self._max_pending
-            ):
-                await self._batch_ready(n)
-                pending = self._pending
-        if self._task is None or len(pending) >= self._batch_size:
-            await self._batch_ready(len(pending))
+        try:
+            for quote in quotes:
+                try:
+                    row = to_row(quote)
+                except InvalidQuote as exc:
+                    self._rejected += 1
+                    if first_error is None:
+                        first_error = exc
+                    continue
+                pending.append(row)
+                accepted += 1
+                n = len(pending)
+                if n >= self._batch_size and (
+                    n == self._batch_size or not n % _YIELD_EVERY_ROWS or n >= self._spill_at
+                ):
+                    await self._batch_ready(n)
+                    pending = self._pending
+            if self._task is None or len(pending) >= self._batch_size:
+                await self._batch_ready(len(pending))
+        except WriterBackpressure as exc:
+            exc.accepted = accepted - 1  # the quote that met it was given back
+            raise
         if first_error is not None:
             raise first_error
         return accepted
@@ -289,7 +395,7 @@ class Writer:
         if self._task is None:
             if self._closed:
                 self._pending.clear()  # only the row just added: the rest was handled by close
-                raise OrderbookStoreError("the writer is closed; make a new OrderbookRepository")
+                raise self._closed_error()
             self._start()
             if n < self._batch_size:
                 return
@@ -297,16 +403,35 @@ class Writer:
         assert wake is not None
         if not wake.is_set():
             wake.set()
-        if n >= self._max_pending:
-            self._spill()
+        if n >= self._spill_at:
+            if self._spills and n + self._unsafe_rows >= 2 * self._max_pending:
+                # The disk is behind by a whole max_pending: wait for it (the disk, never the
+                # database), so memory stays bounded however fast the producer is.
+                await asyncio.gather(*self._spills, return_exceptions=True)
+            if self._spool_error is not None and n + self._unsafe_rows >= self._max_pending:
+                self._pending.pop()  # the row just added is handed back to the caller
+                raise WriterBackpressure(
+                    f"{n - 1 + self._unsafe_rows} row(s) are held in memory "
+                    f"(DB_MAX_PENDING={self._max_pending}) and the spool {self.spool_dir} "
+                    f"refuses them ({self._spool_error}); the database: "
+                    f"{self._last_error or 'slow'}. The quote was not taken: retry it later"
+                )
+            if n >= self._max_pending:
+                self._spill()
         elif not n % _YIELD_EVERY_ROWS:
             await asyncio.sleep(0)
+
+    def _closed_error(self) -> WriterClosed:
+        return WriterClosed(
+            "the writer is closed (or closing): the quote was not taken; make a new "
+            "OrderbookRepository"
+        )
 
     # -- life cycle -------------------------------------------------------------------------
 
     def _start(self) -> None:
         if self._closed:
-            raise OrderbookStoreError("the writer is closed; make a new OrderbookRepository")
+            raise self._closed_error()
         if self._task is not None:
             return
         self._wake = asyncio.Event()
@@ -323,58 +448,108 @@ class Writer:
         self._start()
         await self._io(lambda: None)  # queued behind the spool's opening
 
+    @property
+    def writes_blocked(self) -> str | None:
+        """Why writes fail for a reason that needs a fix (with the fix), else ``None``. Cheap."""
+        failure = self._failure
+        if failure is not None and failure.kind is FailureClass.CONFIGURATION:
+            return self._last_error
+        return None
+
     async def flush(self, timeout_s: float | None = None) -> None:
         """Return once every row added before this call is committed.
 
         With ``timeout_s``, if that does not happen in time, every such row is first made
         durable in the spool and then ``DatabaseUnavailable`` is raised; those rows are written
-        as soon as the server answers (by this writer or, after a stop, the next one).
+        as soon as the server answers (by this writer or, after a stop, the next one). A
+        configuration failure raises ``WritesBlocked`` at once (after one more attempt), with
+        the rows likewise in the spool.
         """
         target = self._taken + len(self._pending)
         self._start()
         if self._watermark() >= target:
             return
         assert self._wake is not None
-        self._wake.set()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, waiter))
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
-        except asyncio.TimeoutError:
-            left = target - self._watermark()
-            durable = await self._make_durable()
-            raise DatabaseUnavailable(
-                f"flush: {left} row(s) not committed within {timeout_s:g} s "
-                f"({self._last_error or 'the database is slow'}); "
-                + (
-                    f"they are safe in the spool {self.spool_dir} and are written when the "
-                    "server answers"
-                    if durable
-                    else "the spool is unavailable too, so they are held in memory only"
-                )
-            ) from None
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove((target, waiter))
+        failures_before = self._failures
+        if self.writes_blocked is not None:
+            self._retry_at = 0.0  # one attempt now: the cause may have been fixed
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._watermark() < target:
+            if self.writes_blocked is not None and self._failures > failures_before:
+                durable = await self._make_durable()
+                raise self._blocked_error(target - self._watermark(), durable)
+            self._wake.set()
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((target, waiter))
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait_for(asyncio.shield(waiter), remaining)
+            except asyncio.TimeoutError:
+                left = target - self._watermark()
+                durable = await self._make_durable()
+                raise DatabaseUnavailable(
+                    f"flush: {left} row(s) not committed within {timeout_s:g} s "
+                    f"({self._last_error or 'the database is slow'}); "
+                    + (
+                        f"they are safe in the spool {self.spool_dir} and are written when "
+                        "the server answers"
+                        if durable
+                        else "the spool is unavailable too, so they are held in memory only"
+                    )
+                ) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((target, waiter))
+
+    def _blocked_error(self, rows: int, durable: bool) -> WritesBlocked:
+        where = (
+            f"kept in the spool {self.spool_dir}"
+            if durable
+            else "held in memory (the spool is unavailable too)"
+        )
+        error = WritesBlocked(
+            f"writes are blocked: {self._last_error}. {rows} row(s) are {where} and are "
+            "written once this is fixed"
+        )
+        error.fix = self._failure.fix if self._failure is not None else ""
+        return error
 
     async def close(self, timeout_s: float | None = None) -> None:
-        """Flush (up to ``timeout_s``, default 30 s), stop, and leave the rest in the spool."""
-        if self._closed:
+        """Flush (up to ``timeout_s``, default 30 s), stop, and leave the rest in the spool.
+
+        Raises ``WritesBlocked`` if a configuration failure kept rows from the table (they
+        are in the spool) and ``RowsLost`` if rows could be neither written nor spooled.
+        """
+        if self._closed or self._closing:
             return
         timeout = self._close_timeout_s if timeout_s is None else timeout_s
         self._closing = True
+        blocked: WritesBlocked | None = None
         try:
             if self._task is not None or self._pending:
-                with contextlib.suppress(DatabaseUnavailable):
+                try:
                     await self.flush(timeout)
+                except WritesBlocked as exc:
+                    blocked = exc
+                except DatabaseUnavailable:
+                    pass
         finally:
             self._closed = True
-            await self._shutdown()
+            lost, kept = await self._shutdown()
             self._task = None
+        if lost:
+            raise RowsLost(
+                f"{lost} row(s) could be neither written ({self._last_error or 'no answer'}) "
+                f"nor kept in the spool {self.spool_dir} ({self._spool_error or 'unavailable'})",
+                lost,
+            )
+        if blocked is not None and kept:
+            raise self._blocked_error(kept, True)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self) -> tuple[int, int]:
+        """Stop the task, spool what is left, close the spool; (rows lost, rows kept)."""
         task = self._task
         if task is not None:
             task.cancel()
@@ -394,14 +569,17 @@ class Writer:
         if lost:
             log.error(
                 "writer closed: %d row(s) could be neither written nor spooled and are lost "
-                "(%s); %s",
+                "(%s; spool: %s); %s",
                 lost,
                 self._last_error,
+                self._spool_error,
                 _fields(stats),
                 extra={"orderbook_store": stats.as_dict()},
             )
         elif left_rows or left_batches:
-            log.warning(
+            level = logging.ERROR if self.writes_blocked is not None else logging.WARNING
+            log.log(
+                level,
                 "writer closed: %d row(s) in %d batch(es) not written within the close "
                 "timeout stay in the spool %s and are written at the next start (%s); %s",
                 left_rows,
@@ -417,18 +595,21 @@ class Writer:
                 _fields(stats),
                 extra={"orderbook_store": stats.as_dict()},
             )
+        return lost, left_rows
 
     # -- stats ----------------------------------------------------------------------------
 
     def stats(self) -> WriterStats:
         """Counters and flush latencies (cheap: no I/O)."""
         latencies = sorted(self._latencies)
+        failure = self._failure
         return WriterStats(
             rows_added=self._taken + len(self._pending),
             rows_written=self._written,
             rows_spooled=self._spooled,
             rows_replayed=self._replayed,
             rows_rejected=self._rejected,
+            rows_refused=self._refused,
             rows_pending=len(self._pending) + sum(b.rows for b in self._unspooled),
             rows_in_spool=self._in_spool,
             retries=self._retries,
@@ -436,6 +617,8 @@ class Writer:
             last_flush_latency_s=self._latencies[-1] if self._latencies else None,
             flush_latency_p50_s=_percentile(latencies, 0.5) if latencies else None,
             flush_latency_p99_s=_percentile(latencies, 0.99) if latencies else None,
+            last_error=self._last_error or None,
+            failure_class=failure.kind.value if failure is not None else None,
         )
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -449,6 +632,7 @@ class Writer:
         return self._taken
 
     def _notify(self) -> None:
+        """Wake every waiting ``flush`` whose rows are committed (or all, with ``everyone``)."""
         if not self._waiters:
             return
         mark = self._watermark()
@@ -456,13 +640,72 @@ class Writer:
             if target <= mark and not waiter.done():
                 waiter.set_result(None)
 
+    def _wake_all_waiters(self) -> None:
+        for _, waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _update_spill_at(self) -> None:
+        self._spill_at = max(self._batch_size, self._max_pending - self._unsafe_rows)
+
     def _take(self) -> _Batch:
+        """The oldest pending rows (at most ``max_batch_rows``) as a new outstanding batch."""
         rows = self._pending
-        self._pending = []
+        if len(rows) > self._max_batch_rows:
+            self._pending = rows[self._max_batch_rows :]
+            rows = rows[: self._max_batch_rows]
+        else:
+            self._pending = []
         batch = _Batch(uuid.uuid4(), self._taken, len(rows), rows)
         self._taken += len(rows)
         self._outstanding[batch.batch_id] = batch
+        self._unsafe_rows += batch.rows
+        self._update_spill_at()
         return batch
+
+    def _take_all(self) -> list[_Batch]:
+        batches = []
+        while self._pending:
+            batches.append(self._take())
+        return batches
+
+    def _committed(self, batch_id: uuid.UUID) -> _Batch | None:
+        """Retire an outstanding batch the table now has; returns it (None if not ours)."""
+        batch = self._outstanding.pop(batch_id, None)
+        if batch is not None and not batch.spooled:
+            self._unsafe_rows -= batch.rows
+            self._update_spill_at()
+        return batch
+
+    def _mark_spooled(self, batch: _Batch) -> None:
+        """On the loop's thread, once the spool has ``batch`` durably."""
+        if batch.spooled:
+            return
+        batch.spooled = True
+        self._spooled += batch.rows
+        self._in_spool += batch.rows
+        self._spool_records += 1
+        if batch.batch_id in self._outstanding:
+            self._unsafe_rows -= batch.rows
+            self._update_spill_at()
+        with contextlib.suppress(ValueError):
+            self._unspooled.remove(batch)
+        if self._spool_error is not None:
+            log.info("spool: takes batches again (%s)", self.spool_dir)
+            self._spool_error = None
+
+    def _spool_refused(self, batch: _Batch, error: BaseException) -> None:
+        if self._spool_error is None:
+            log.error(
+                "spool: cannot store %d row(s) (%s); keeping them in memory (at most "
+                "DB_MAX_PENDING=%d rows, then add() refuses quotes)",
+                batch.rows,
+                error,
+                self._max_pending,
+            )
+        self._spool_error = str(error)
+        if batch not in self._unspooled:
+            self._unspooled.append(batch)
 
     async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn`` on the single spool thread (FIFO: spool operations keep their order)."""
@@ -470,12 +713,11 @@ class Writer:
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
 
     def _spool_write(self, batch: _Batch) -> None:
-        """On the spool thread: encode if needed, append, mark durable."""
+        """On the spool thread: encode if needed, append (durable when this returns)."""
         data = batch.encoded()
         if not self._spool_ok:
             raise SpoolError(f"the spool {self.spool_dir} could not be opened")
         self._spool.append(batch.batch_id, batch.rows, data)
-        batch.spooled = True
 
     def _spilled(self, batch: _Batch, future: asyncio.Future[None]) -> None:
         self._spills.discard(future)
@@ -483,23 +725,16 @@ class Writer:
             return
         error = future.exception()
         if error is None:
-            self._spooled += batch.rows
-            self._in_spool += batch.rows
-            self._spool_records += 1
-            return
-        log.error(
-            "spool: cannot store %d row(s) (%s); keeping them in memory",
-            batch.rows,
-            error,
-        )
-        self._unspooled.append(batch)
+            self._mark_spooled(batch)
+        else:
+            self._spool_refused(batch, error)
 
     def _spill(self) -> None:
         """Move every pending row to the spool, from the worker thread; returns at once."""
-        batch = self._take()
-        future = asyncio.ensure_future(self._io(self._spool_write, batch))
-        self._spills.add(future)
-        future.add_done_callback(lambda f: self._spilled(batch, f))
+        for batch in self._take_all():
+            future = asyncio.ensure_future(self._io(self._spool_write, batch))
+            self._spills.add(future)
+            future.add_done_callback(functools.partial(self._spilled, batch))
 
     async def _spool_batch(self, batch: _Batch) -> bool:
         """Put one batch in the spool and wait for it; False (and kept in memory) on failure."""
@@ -508,15 +743,9 @@ class Writer:
         try:
             await self._io(self._spool_write, batch)
         except SpoolError as exc:
-            log.error("spool: cannot store %d row(s) (%s); keeping them in memory", batch.rows, exc)
-            if batch not in self._unspooled:
-                self._unspooled.append(batch)
+            self._spool_refused(batch, exc)
             return False
-        with contextlib.suppress(ValueError):
-            self._unspooled.remove(batch)
-        self._spooled += batch.rows
-        self._in_spool += batch.rows
-        self._spool_records += 1
+        self._mark_spooled(batch)
         return True
 
     async def _make_durable(self) -> bool:
@@ -527,8 +756,7 @@ class Writer:
         """
         if self._spills:
             await asyncio.gather(*self._spills, return_exceptions=True)
-        if self._pending:
-            self._take()
+        self._take_all()
         for batch in list(self._outstanding.values()):
             if not batch.spooled:
                 await self._spool_batch(batch)
@@ -542,9 +770,12 @@ class Writer:
         while True:
             if self._attempt:
                 # Failing: no hurry for full batches (they are spooled, one fsync each); wake
-                # for the retry or to spool what the interval collected.
+                # for the retry, to spool what the interval collected, or for a flush.
                 remaining = self._retry_at - time.monotonic()
-                await asyncio.sleep(max(0.0, min(self._flush_interval_s, remaining)))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        wake.wait(), max(0.0, min(self._flush_interval_s, remaining))
+                    )
             elif not wake.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), self._flush_interval_s)
@@ -553,9 +784,9 @@ class Writer:
                 await self._cycle()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug must not stop the writer; the rows are still held
+            except Exception as exc:  # a bug must not stop the writer; the rows are still held
                 log.exception("writer: unexpected error; retrying")
-                self._failed("unexpected error")
+                self._failed(exc, Failure(FailureClass.PASSING))
 
     def _spool_opened(self, opening: asyncio.Future[tuple[int, int]]) -> None:
         if opening.cancelled():
@@ -563,6 +794,7 @@ class Writer:
         error = opening.exception()
         if error is not None:
             self._backlog = False
+            self._spool_error = str(error)
             log.error("spool unavailable (%s): batches the database refuses stay in memory", error)
         else:
             records, rows = opening.result()
@@ -593,22 +825,42 @@ class Writer:
         self._spool_ok = True
         return self._spool.pending_records, self._spool.pending_rows
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, exc: BaseException, failure: Failure) -> None:
         self._attempt += 1
+        self._failures += 1
         self._retries += 1
-        self._last_error = reason
-        ceiling = min(self._retry_cap_s, self._retry_base_s * 2 ** min(self._attempt - 1, 30))
-        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        self._failure = failure
+        reason = self._describe(exc)
+        if failure.kind is FailureClass.CONFIGURATION:
+            self._last_error = f"{reason}; to fix: {failure.fix}"
+            delay = self._config_retry_s * random.uniform(0.8, 1.2)
+        else:
+            self._last_error = reason
+            ceiling = min(self._retry_cap_s, self._retry_base_s * 2 ** min(self._attempt - 1, 30))
+            delay = ceiling / 2 + random.uniform(0, ceiling / 2)
         self._retry_at = time.monotonic() + delay
         stats = self.stats()
-        log.warning(
-            "write failed (attempt %d, retrying in %.2f s): %s; %s",
+        level = logging.WARNING
+        if failure.kind is FailureClass.CONFIGURATION:
+            now = time.monotonic()
+            said, when = self._config_logged
+            if said != self._last_error or now - when >= _CONFIG_LOG_EVERY_S:
+                self._config_logged = (self._last_error, now)
+                level = logging.ERROR
+            else:
+                level = logging.DEBUG
+        log.log(
+            level,
+            "write failed (%s, attempt %d, retrying in %.2f s): %s; %s",
+            failure.kind.value,
             self._attempt,
             delay,
-            reason,
+            self._last_error,
             _fields(stats),
             extra={"orderbook_store": stats.as_dict()},
         )
+        if failure.kind is FailureClass.CONFIGURATION:
+            self._wake_all_waiters()  # each flush decides whether to raise
 
     def _succeeded(self) -> None:
         if self._attempt:
@@ -620,13 +872,17 @@ class Writer:
             )
         self._attempt = 0
         self._last_error = ""
+        self._failure = None
 
     async def _cycle(self) -> None:
-        """One round: replay the spool in order, then write everything pending."""
+        """One round: replay the spool in order, then write one batch of what is pending."""
         if self._attempt and time.monotonic() < self._retry_at:
-            # The database is failing: make what is pending durable while we wait.
-            if self._pending:
-                await self._spool_batch(self._take())
+            # The database is failing: make what is held in memory durable while we wait.
+            if self._unspooled and not await self._spool_batch(self._unspooled[0]):
+                return
+            for batch in self._take_all():
+                if not await self._spool_batch(batch):
+                    return
             return
         if (
             self._spool_ok
@@ -638,7 +894,10 @@ class Writer:
             batch = self._unspooled[0]
             if not await self._write_batch(batch):
                 return
-            self._unspooled.popleft()
+            # Not popleft(): the spool may have taken this batch (and dropped it from the
+            # queue) while it was being written.
+            with contextlib.suppress(ValueError):
+                self._unspooled.remove(batch)
         if self._pending:
             batch = self._take()
             self._in_flight = batch
@@ -649,6 +908,9 @@ class Writer:
             if not ok:
                 await self._spool_batch(batch)
                 return
+            if len(self._pending) >= self._batch_size:
+                assert self._wake is not None
+                self._wake.set()  # more than one batch was waiting: go on at once
         if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
             await self._prune_ledger()
             if self._spool_ok:
@@ -690,15 +952,18 @@ class Writer:
                 record.batch_id,
                 age_s / 86400,
             )
-        result = await self._attempt_write(record.batch_id, record.rows, record.data)
+        result = await self._attempt_write(
+            record.batch_id, record.rows, record.data, lambda: record.data
+        )
         if result is None:
             return False
         self._in_spool = max(0, self._in_spool - record.rows)
         self._spool_records = max(0, self._spool_records - 1)
-        own = self._outstanding.pop(record.batch_id, None)
-        if result:
-            self._replayed += record.rows
-            self._written += record.rows
+        own = self._committed(record.batch_id)
+        written_now, refused = result
+        if written_now:
+            self._replayed += record.rows - refused
+            self._written += record.rows - refused
         elif own is not None:
             # Committed by an attempt whose outcome we never learned: count it now.
             self._written += record.rows
@@ -708,33 +973,65 @@ class Writer:
     async def _write_batch(self, batch: _Batch) -> bool:
         """Write one batch from memory; False if the database failed (the caller spools it)."""
         source = batch.data or _chunked(batch.row_list or [])
-        result = await self._attempt_write(batch.batch_id, batch.rows, source)
+        result = await self._attempt_write(batch.batch_id, batch.rows, source, batch.encoded)
         if result is None:
             return False
-        if self._outstanding.pop(batch.batch_id, None) is not None:
-            self._written += batch.rows
+        if self._committed(batch.batch_id) is not None:
+            self._written += batch.rows - result[1]
         self._notify()
         return True
 
     async def _attempt_write(
-        self, batch_id: uuid.UUID, rows: int, data: bytes | AsyncIterator[bytes]
-    ) -> bool | None:
-        """True: written now; False: already in the ledger; None: failed (retry scheduled)."""
+        self,
+        batch_id: uuid.UUID,
+        rows: int,
+        data: bytes | AsyncIterator[bytes],
+        encoded: Callable[[], bytes],
+    ) -> tuple[bool, int] | None:
+        """(True, rows refused): written now; (False, 0): already in the ledger; None: failed
+        (retry scheduled).
+
+        The common case is one COPY of the whole batch. A batch larger than what recently fit
+        in one statement, or one whose COPY timed out or had rows refused, is written again at
+        once by :meth:`_careful_transaction`.
+        """
         started = time.perf_counter()
+        timeout_s = self._timeout_for(rows)
         try:
-            written = await asyncio.wait_for(
-                self._transaction(batch_id, rows, data), self._timeout_for(rows)
-            )
+            if rows > self._copy_rows_limit:
+                result = await asyncio.wait_for(
+                    self._careful_transaction(batch_id, encoded()), timeout_s
+                )
+            else:
+                try:
+                    written = await asyncio.wait_for(
+                        self._transaction(batch_id, rows, data), timeout_s
+                    )
+                    result = (written, 0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self._classify(exc).kind not in (
+                        FailureClass.TOO_BIG,
+                        FailureClass.ROWS_REFUSED,
+                    ):
+                        raise
+                    result = await asyncio.wait_for(
+                        self._careful_transaction(batch_id, encoded()), timeout_s
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._failed(self._describe(exc))
+            self._failed(exc, self._classify(exc))
             return None
         self._latencies.append(time.perf_counter() - started)
         self._succeeded()
-        if written:
+        if result[0]:
             self._batches += 1
-        return written
+        return result
+
+    def _classify(self, exc: BaseException) -> Failure:
+        return classify(exc, user=self._settings.user, database=self._settings.name)
 
     async def _transaction(
         self, batch_id: uuid.UUID, rows: int, data: bytes | AsyncIterator[bytes]
@@ -754,6 +1051,102 @@ class Writer:
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
                 raise
+
+    async def _careful_transaction(self, batch_id: uuid.UUID, data: bytes) -> tuple[bool, int]:
+        """The batch in one transaction as COPY statements small enough to fit, each under a
+        savepoint; a statement that times out is halved, one with refused rows bisected down
+        to the rows themselves, which go to the dead-letter file before the commit. Returns
+        (written now, rows refused). Other failures abort the whole transaction."""
+        lines = copy_lines(data)
+        async with self._engine.connect() as conn:
+            try:
+                async with conn.begin():
+                    inserted = await conn.execute(
+                        _LEDGER_INSERT, {"batch_id": batch_id, "rows": len(lines)}
+                    )
+                    if inserted.first() is None:
+                        return False, 0
+                    refused = await self._copy_bisecting(await raw_connection(conn), lines)
+                    if refused:
+                        await self._dead_letter(batch_id, lines, refused)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+        self._refused += len(refused)
+        return True, len(refused)
+
+    async def _copy_bisecting(self, raw: asyncpg.Connection, lines: list[bytes]) -> list[_Refused]:
+        refused: list[_Refused] = []
+        timed_out = False
+        stack = [(0, len(lines))]
+        while stack:
+            low, high = stack.pop()
+            if high - low > self._copy_rows_limit:
+                stack.extend(reversed(_halves(low, high)))
+                continue
+            await raw.execute("SAVEPOINT orderbook_rows")
+            try:
+                await _copy_raw(raw, b"".join(lines[low:high]))
+            except asyncpg.PostgresError as exc:
+                await raw.execute("ROLLBACK TO SAVEPOINT orderbook_rows")
+                failure = self._classify(exc)
+                if failure.kind is FailureClass.ROWS_REFUSED and high - low == 1:
+                    first_line = str(exc).strip().splitlines()
+                    refused.append(
+                        _Refused(low, failure.sqlstate, first_line[0] if first_line else "")
+                    )
+                    continue
+                if failure.kind is FailureClass.TOO_BIG and high - low > 1:
+                    timed_out = True
+                    self._copy_rows_limit = max(1, (high - low) // 2)
+                elif failure.kind is not FailureClass.ROWS_REFUSED:
+                    raise
+                stack.extend(reversed(_halves(low, high)))
+                continue
+            await raw.execute("RELEASE SAVEPOINT orderbook_rows")
+        if timed_out:
+            self._clean_writes = 0
+            log.info(
+                "writer: a COPY timed out (statement or lock timeout); batches are now written "
+                "as COPY statements of at most %d rows",
+                self._copy_rows_limit,
+            )
+        else:
+            self._clean_writes += 1
+            if (
+                self._clean_writes >= _GROW_AFTER_CLEAN_WRITES
+                and self._copy_rows_limit < self._max_batch_rows
+            ):
+                self._clean_writes = 0
+                self._copy_rows_limit = min(self._max_batch_rows, self._copy_rows_limit * 2)
+        return refused
+
+    async def _dead_letter(
+        self, batch_id: uuid.UUID, lines: list[bytes], refused: list[_Refused]
+    ) -> None:
+        """Keep refused rows on disk (before the batch commits) and say so in one line."""
+        letters = [
+            dead_letters.DeadLetter.now(
+                str(batch_id), r.index, r.sqlstate, r.reason, decode_copy_line(lines[r.index])
+            )
+            for r in refused
+        ]
+        try:
+            await self._io(dead_letters.append, self.dead_letter_path, letters)
+            where = f"kept in {self.dead_letter_path}"
+        except dead_letters.DeadLetterError as exc:
+            where = f"NOT kept on disk ({exc}); the rows: {[d.row for d in letters]}"
+        log.error(
+            "writer: the server refused %d of %d row(s) of batch %s (%s: %s); the other rows "
+            "are written, the refused ones %s",
+            len(refused),
+            len(lines),
+            batch_id,
+            refused[0].sqlstate,
+            refused[0].reason,
+            where,
+        )
 
     async def _prune_ledger(self) -> None:
         self._last_prune = time.monotonic()
@@ -776,22 +1169,35 @@ class Writer:
         return self._write_timeout_s + rows / 10_000
 
     def _describe(self, exc: BaseException) -> str:
-        """One line about a failure and what caused it, never containing the password."""
+        """One line about a failure and what caused it, never containing the password: the
+        server's own error where there is one (not the wrappers around it)."""
+        chain = failure_chain(exc)
+        with_state = [link for link in chain if sqlstate_of(link) is not None]
+        shown: list[BaseException]
+        if isinstance(exc, DatabaseUnavailable):
+            shown = [exc]  # already one readable line: where, as whom, why
+        elif with_state:
+            shown = [with_state[-1]]  # the driver's error, as the server said it
+        else:
+            shown = chain[:3]
         parts: list[str] = []
-        seen: BaseException | None = exc
-        while seen is not None and len(parts) < 3:
-            if isinstance(seen, asyncio.TimeoutError):
+        for link in shown:
+            if isinstance(link, asyncio.TimeoutError):
                 parts.append(f"no answer within the write timeout ({self._write_timeout_s:g} s+)")
             else:
-                first = str(seen).strip().splitlines()
-                name = type(seen).__name__
+                first = str(link).strip().splitlines()
+                name = type(link).__name__
                 parts.append(f"{name}: {first[0]}" if first else name)
-            seen = seen.__cause__ or seen.__context__
         text = " <- ".join(parts)
         secret = self._settings.password
         if secret is not None and secret.get_secret_value():
             text = text.replace(secret.get_secret_value(), "***")
         return text[:300]
+
+
+def _halves(low: int, high: int) -> list[tuple[int, int]]:
+    middle = (low + high) // 2
+    return [(low, middle), (middle, high)]
 
 
 async def _chunked(rows: list[QuoteRow]) -> AsyncIterator[bytes]:
@@ -807,7 +1213,7 @@ async def _chunked(rows: list[QuoteRow]) -> AsyncIterator[bytes]:
 
 
 def _fields(stats: WriterStats) -> str:
-    values = stats.as_dict()
+    values: dict[str, Any] = stats.as_dict()
     return " ".join(
         f"{key}={value:.6f}" if isinstance(value, float) else f"{key}={value}"
         for key, value in values.items()

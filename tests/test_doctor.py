@@ -43,6 +43,7 @@ EXPECTED_CHECKS = {
     "indexes",
     "clock",
     "spool",
+    "dead letters",
 }
 
 

@@ -307,6 +307,7 @@ async def test_broken_lines_are_quarantined_and_the_rest_imports(
         2000: lines[1999].rsplit(",", 1)[0] + ",-1",  # negative amount
         7000: "binance-futures,BTCUSDT,1582329603611,1582329603729552,0.84,9682,9681.42,0.031",
         9000: "binance-futures,BTCUSDT,1582329603611000,1582329603729552,0.84,0,9681.42,0.031",
+        9500: lines[9499].rsplit(",", 1)[0] + ",1e999999999999999999999",  # beyond Decimal
     }
     for number, line in broken.items():
         lines[number - 1] = line
@@ -316,7 +317,7 @@ async def test_broken_lines_are_quarantined_and_the_rest_imports(
 
     summary = await import_paths(engine, [path], quarantine=quarantine)
 
-    assert (summary.files[0].rows, summary.files[0].quarantined) == (9999 - 5, 5)
+    assert (summary.files[0].rows, summary.files[0].quarantined) == (9999 - 6, 6)
     assert summary.exit_code == 3
     with quarantine.open() as handle:
         entries = list(csv.DictReader(handle))
@@ -328,9 +329,28 @@ async def test_broken_lines_are_quarantined_and_the_rest_imports(
     assert "bid_amount" in reasons[2000]
     assert "milliseconds" in reasons[7000]
     assert "ask_price" in reasons[9000]
+    assert "bid_amount" in reasons[9500] and "exponent" in reasons[9500]
     assert [e["text"] for e in entries] == [broken[n] for n in sorted(broken)]
     good = [row for i, row in enumerate(file_rows(real_quotes_text), start=2) if i not in broken]
     assert await table_rows(engine) == good
+
+
+async def test_a_value_beyond_decimals_range_costs_its_line_not_the_next_file(
+    engine: AsyncEngine, real_quotes_text: str, tmp_path: Path
+) -> None:
+    lines = real_quotes_text.splitlines()
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    bad = lines[1].rsplit(",", 2)[0] + ",1e-99999999999999999999,0.5"
+    first.write_text("\n".join([lines[0], bad, *lines[2:50]]) + "\n")
+    second.write_text("\n".join([lines[0], *lines[50:100]]) + "\n")
+
+    summary = await import_paths(engine, [first, second], quarantine=tmp_path / "q.csv")
+
+    assert [(f.status, f.rows, f.quarantined) for f in summary.files] == [
+        ("imported", 48, 1),
+        ("imported", 50, 0),
+    ]
+    assert await count(engine) == 98
 
 
 async def test_unknown_format_is_refused_naming_the_known_ones(

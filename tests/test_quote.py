@@ -227,7 +227,7 @@ DECIMAL_FIELDS = PRICE_FIELDS + AMOUNT_FIELDS
         ("25.35190000", "25.35190000"),  # Binance's spelling is kept
         ("0.00000001", "0.00000001"),
         ("999999999999.99999999", "999999999999.99999999"),
-        ("1.100000000", "1.100000000"),  # nine digits, but the value has one decimal
+        ("1.100000000", "1.10000000"),  # nine digits, the value one decimal: the column scale
         ("1e-8", "0.00000001"),
         ("+5", "5"),
         (".5", "0.5"),
@@ -466,3 +466,60 @@ def test_binance_local_timestamp_in_milliseconds_is_rejected(
     with pytest.raises(InvalidQuote, match="milliseconds") as caught:
         Quote.from_binance(binance_message, local_timestamp=1_568_014_460_901)
     assert caught.value.field == "local_timestamp"
+
+
+# -- values beyond what Decimal can hold ---------------------------------------------------
+
+BEYOND_DECIMAL = ["1e999999999999999999999", "1e-99999999999999999999", "0e9999999999999999999"]
+
+
+@pytest.mark.parametrize("value", BEYOND_DECIMAL)
+@pytest.mark.parametrize("field", ["ask_amount", "ask_price", "bid_price", "bid_amount"])
+def test_an_exponent_beyond_decimals_range_is_an_invalid_quote(field: str, value: str) -> None:
+    error = rejected(field, **{field: value})
+    assert "exponent" in str(error) and value[:20] in str(error)
+    with pytest.raises(InvalidQuote, match=field):
+        Quote(**quote(**{field: value}))
+    with pytest.raises(InvalidQuote, match=field):
+        Quote.from_binance(
+            {
+                "e": "bookTicker",
+                "E": 1582329601096,
+                "s": "BTCUSDT",
+                "a": "9682",
+                "A": "0.84",
+                "b": "9681.92",
+                "B": "0.67",
+                field_letter(field): value,
+            },
+            local_timestamp=T0,
+        )
+
+
+def field_letter(field: str) -> str:
+    return {"ask_amount": "A", "ask_price": "a", "bid_price": "b", "bid_amount": "B"}[field]
+
+
+def test_zeros_past_the_eighth_decimal_are_dropped_so_no_row_grows() -> None:
+    row = to_row(quote(ask_amount="1." + "0" * 10_000, bid_price=Decimal("9681.9200000000000")))
+    assert row[4] == "1.00000000"
+    assert row[6] == "9681.92000000"
+    assert Decimal(row[4]) == 1 and Decimal(row[6]) == Decimal("9681.92")
+
+
+def test_the_largest_row_stays_within_max_row_bytes() -> None:
+    from orderbook_store.copy_encode import MAX_ROW_BYTES, encode_copy_text
+
+    widest = to_row(
+        {
+            "exchange": "\U0001f600" * 50,  # 50 characters of four UTF-8 bytes
+            "symbol": "\\" * 20,  # escaped to two bytes each
+            "timestamp": 4_102_444_799_999_999,
+            "local_timestamp": 4_102_444_799_999_999,
+            **{
+                name: "999999999999.99999999" + "0" * 100
+                for name in ("ask_amount", "ask_price", "bid_price", "bid_amount")
+            },
+        }
+    )
+    assert len(encode_copy_text([widest])) <= MAX_ROW_BYTES

@@ -311,3 +311,30 @@ async def test_the_real_file_streamed_through_add_is_stored_row_for_row_in_order
         )
         for r in records
     ]
+
+
+async def test_a_value_beyond_decimals_range_costs_only_its_own_quote(
+    writer_repo: OrderbookRepository, settings: Settings
+) -> None:
+    from orderbook_store.compat import PostgreSQLManager
+
+    added = quotes(300)
+    hostile = [
+        {**added[0], "ask_price": "1e999999999999999999999"},
+        {**added[0], "bid_amount": "1e-99999999999999999999"},
+        {**added[0], "ask_amount": "0e9999999999999999999"},
+    ]
+    with pytest.raises(InvalidQuote, match="exponent"):
+        await writer_repo.add_many([*added[:100], *hostile, *added[100:]])
+    await writer_repo.flush()
+    assert writer_repo.stats().rows_rejected == 3
+    assert await stored_multiset(settings) == expected(added)
+
+    with pytest.raises(InvalidQuote, match="ask_price"):
+        await writer_repo.insert_many([*quotes(10, seed=4), hostile[0]])  # all or nothing
+    assert await stored_multiset(settings) == expected(added)
+
+    manager = PostgreSQLManager({"postgresql": {}})
+    manager.repository = writer_repo  # the old collector's entry point, on this repository
+    assert await manager.save_record(hostile[1]) is False
+    assert manager.rejected == 1
