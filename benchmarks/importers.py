@@ -34,9 +34,9 @@ import asyncpg
 
 from benchmarks._common import bench_database, find_server, psql_binary
 from orderbook_store.engine import create_engine
-from orderbook_store.export import export_parquet
-from orderbook_store.importers import import_paths
-from orderbook_store.importers.verify import verify_paths
+from orderbook_store.files.export import export_parquet
+from orderbook_store.files.importers import import_paths
+from orderbook_store.files.importers.verify import verify_paths
 from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk

@@ -43,9 +43,9 @@ import asyncpg
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from benchmarks._common import bench_database, find_server, psql_binary
-from orderbook_store.copy_encode import COPY_COLUMNS, encode_copy_text
 from orderbook_store.engine import create_engine
 from orderbook_store.models import QUOTE_COLUMNS, OrderbookData
+from orderbook_store.pg.copy_in import COPY_COLUMNS, encode_copy_text
 from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings

@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from benchmarks._common import bench_database, find_server
-from orderbook_store import partitions
 from orderbook_store.engine import create_engine
+from orderbook_store.ops import partitions
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 

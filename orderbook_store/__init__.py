@@ -11,12 +11,17 @@ store = orderbook_store.connect()           # the same, synchronous, for noteboo
 
 from __future__ import annotations
 
-from .engine import create_engine
-from .errors import ConfigError, DatabaseUnavailable, InvalidQuote, OrderbookStoreError
-from .quote import Quote
-from .repository import OrderbookRepository
-from .settings import Settings
-from .sync import connect
+from orderbook_store.engine import create_engine
+from orderbook_store.errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    InvalidQuote,
+    OrderbookStoreError,
+)
+from orderbook_store.quote import Quote
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+from orderbook_store.sync import connect
 
 __all__ = [
     "ConfigError",

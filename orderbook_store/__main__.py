@@ -1,5 +1,5 @@
 """``python -m orderbook_store`` runs the command line."""
 
-from .cli import main
+from orderbook_store.cli import main
 
 main()

@@ -15,11 +15,11 @@ import time
 import warnings
 from collections.abc import Iterator
 
-from . import migrations
-from .engine import create_engine
-from .repository import OrderbookRepository
-from .settings import Settings
-from .synthetic import DEFAULT_START_US, QuoteWalk
+from orderbook_store.engine import create_engine
+from orderbook_store.ops import migrations
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+from orderbook_store.synthetic import DEFAULT_START_US, QuoteWalk
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
 HOUR_US = 3_600 * 1_000_000

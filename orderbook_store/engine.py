@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .errors import DatabaseUnavailable
-from .settings import Settings
+from orderbook_store.errors import DatabaseUnavailable
+from orderbook_store.settings import Settings
 
 #: Opens one asyncpg connection (what SQLAlchemy's ``async_creator`` expects).
 ConnectFn = Callable[[], Awaitable[asyncpg.Connection]]

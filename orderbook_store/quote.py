@@ -185,7 +185,7 @@ def _from_decimal(field: str, value: object, number: Decimal, positive: bool) ->
 
     Out comes at most 21 characters (12 integer digits, the point, 8 decimals): zeros beyond
     the 8th decimal, which the column would drop anyway, are dropped here, so no row grows
-    past ``copy_encode.MAX_ROW_BYTES`` however its value was spelled.
+    past ``pg.copy_in.MAX_ROW_BYTES`` however its value was spelled.
     """
     try:
         return _checked_plain(field, value, number, positive)

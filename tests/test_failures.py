@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError
 
 from orderbook_store.errors import DatabaseUnavailable
-from orderbook_store.failures import FailureClass, classify
+from orderbook_store.write.failures import FailureClass, classify
 
 PASSING, TOO_BIG, REFUSED, CONFIG = (
     FailureClass.PASSING,

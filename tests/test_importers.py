@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.importers import FORMATS, import_paths
-from orderbook_store.importers.verify import verify_paths
+from orderbook_store.files.importers import FORMATS, import_paths
+from orderbook_store.files.importers.verify import verify_paths
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
@@ -194,7 +194,7 @@ async def test_binance_csv_without_symbol_in_its_name_is_refused_unless_given(
     assert "--symbol" in refused.files[0].message
     assert await count(engine) == 0
 
-    from orderbook_store.importers import ImportOptions
+    from orderbook_store.files.importers import ImportOptions
 
     given = await import_paths(
         engine, [path], options=ImportOptions(symbol="BTCUSDT"), quarantine=tmp_path / "q.csv"
@@ -638,7 +638,7 @@ def test_vectorized_checks_accept_and_reject_exactly_what_to_row_does() -> None:
     import pyarrow as pa
 
     from orderbook_store.errors import InvalidQuote
-    from orderbook_store.importers.rows import check
+    from orderbook_store.files.importers.rows import check
     from orderbook_store.quote import to_row
 
     decimals = ["9681.92", "0", "0.0", "00.5", "1.", ".5", "1e-3", "+1", " 1", "-0.1",
@@ -726,7 +726,7 @@ _PEAK_RSS_CHILD = """
 import asyncio, resource, sys
 from pathlib import Path
 from orderbook_store.engine import create_engine
-from orderbook_store.importers import import_paths
+from orderbook_store.files.importers import import_paths
 from orderbook_store.settings import Settings
 
 async def main():

@@ -20,10 +20,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
-from orderbook_store import migrations, partitions
-from orderbook_store.cli_partitions import app as partitions_app
+from orderbook_store.cli.partitions import app as partitions_app
 from orderbook_store.engine import create_engine
-from orderbook_store.reader import Reader
+from orderbook_store.ops import migrations, partitions
+from orderbook_store.read.reader import Reader
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
@@ -354,7 +354,7 @@ async def test_rows_outside_every_range_land_in_default_and_ensure_moves_them(
 
 ENSURE_LOOP = """
 import asyncio, datetime as dt, sys
-from orderbook_store import partitions
+from orderbook_store.ops import partitions
 from orderbook_store.engine import create_engine
 from orderbook_store.settings import Settings
 

@@ -508,7 +508,7 @@ def test_zeros_past_the_eighth_decimal_are_dropped_so_no_row_grows() -> None:
 
 
 def test_the_largest_row_stays_within_max_row_bytes() -> None:
-    from orderbook_store.copy_encode import MAX_ROW_BYTES, encode_copy_text
+    from orderbook_store.pg.copy_in import MAX_ROW_BYTES, encode_copy_text
 
     widest = to_row(
         {

@@ -20,10 +20,16 @@ import pyarrow as pa
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store import features
 from orderbook_store.engine import create_engine
 from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
-from orderbook_store.reader import _BIND_SQL, LATEST_ALL_SQL, LATEST_SOME_SQL, Reader, plan_quotes
+from orderbook_store.read import features
+from orderbook_store.read.reader import (
+    _BIND_SQL,
+    LATEST_ALL_SQL,
+    LATEST_SOME_SQL,
+    Reader,
+    plan_quotes,
+)
 
 T0 = 1582329600000000  # 2020-02-22 00:00:00 UTC
 DAY = 86_400_000_000

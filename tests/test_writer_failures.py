@@ -23,15 +23,8 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner
 
-from orderbook_store import dead_letters, migrations
 from orderbook_store.cli import app as cli_app
 from orderbook_store.compat import PostgreSQLManager
-from orderbook_store.copy_encode import (
-    MAX_ROW_BYTES,
-    copy_lines,
-    decode_copy_line,
-    encode_copy_text,
-)
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import (
     RowsLost,
@@ -39,11 +32,19 @@ from orderbook_store.errors import (
     WriterClosed,
     WritesBlocked,
 )
+from orderbook_store.ops import migrations
+from orderbook_store.pg.copy_in import (
+    MAX_ROW_BYTES,
+    copy_lines,
+    decode_copy_line,
+    encode_copy_text,
+)
 from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
-from orderbook_store.spool import Spool, target_dirname
 from orderbook_store.synthetic import QuoteWalk
+from orderbook_store.write import dead_letters
+from orderbook_store.write.spool import Spool, target_dirname
 
 from pgserver import TemporaryPostgres
 from stored import as_multiset, expected, stored_multiset

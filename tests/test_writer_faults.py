@@ -22,14 +22,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from orderbook_store import migrations
-from orderbook_store.copy_encode import encode_copy_text
 from orderbook_store.engine import create_engine
+from orderbook_store.ops import migrations
+from orderbook_store.pg.copy_in import encode_copy_text
 from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
-from orderbook_store.spool import Spool, target_dirname
 from orderbook_store.synthetic import QuoteWalk
+from orderbook_store.write.spool import Spool, target_dirname
 
 from pgserver import TemporaryPostgres
 from stored import Row, expected, stored_multiset

@@ -32,8 +32,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .errors import ConfigError, OrderbookStoreError
-from .models import OrderbookData
+from orderbook_store.errors import ConfigError, OrderbookStoreError
+from orderbook_store.models import OrderbookData
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = get_args(Period)

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
-from .doctor import Report
-from .doctor import run as run_doctor
-from .roles import RoleNames, roles_sql
-from .settings import Settings
+from orderbook_store.ops.doctor import Report
+from orderbook_store.ops.doctor import run as run_doctor
+from orderbook_store.ops.roles import RoleNames, roles_sql
+from orderbook_store.settings import Settings
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 
@@ -86,8 +86,8 @@ def dead_letters(json_output: JsonFlag = False) -> None:
     Writers keep them in ``dead-letters.jsonl`` beside the spool of the configured database;
     each line there is one JSON object. Exits 0 whether or not there are any.
     """
-    from . import dead_letters as letters_file
-    from .doctor import dead_letter_file
+    from orderbook_store.ops.doctor import dead_letter_file
+    from orderbook_store.write import dead_letters as letters_file
 
     path = dead_letter_file(Settings())
     letters = letters_file.read(path)

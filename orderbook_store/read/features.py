@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from .reader import Frame
+from orderbook_store.read.reader import Frame
 
 __all__ = [
     "FEATURES",

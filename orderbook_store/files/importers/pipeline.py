@@ -42,12 +42,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.detect import detect, expand
+from orderbook_store.files.importers.rows import Checked, Rejected, copy_csv
+from orderbook_store.files.importers.source import Digest, ImportUnit, identity_of, keyed
 from orderbook_store.models import QUOTE_COLUMNS, ImportedFile, OrderbookData
-
-from .base import ImportOptions, Reader, RefusedFile
-from .detect import detect, expand
-from .rows import Checked, Rejected, copy_csv
-from .source import Digest, ImportUnit, identity_of, keyed
 
 #: Encoded blocks waiting to be sent; with ~4 MB blocks this bounds memory at a few tens of MB.
 PREFETCH_BLOCKS: Final = 2

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Final
 
-from .base import ImportOptions, Reader
-from .csvlines import CsvLayout, read_csv, split_header
-from .rows import Checked
-from .source import Digest, ImportUnit, open_binary
+from orderbook_store.files.importers.base import ImportOptions, Reader
+from orderbook_store.files.importers.csvlines import CsvLayout, read_csv, split_header
+from orderbook_store.files.importers.rows import Checked
+from orderbook_store.files.importers.source import Digest, ImportUnit, open_binary
 
 NAME: Final = "tardis-book-snapshot"
 DESCRIPTION: Final = (

@@ -25,12 +25,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .engine import create_engine
-from .errors import ConfigError
-from .export import export_parquet
-from .importers import FileResult, ImportOptions, ImportSummary, import_paths, known_formats
-from .importers.verify import VerifySummary, verify_paths
-from .settings import Settings
+from orderbook_store.engine import create_engine
+from orderbook_store.errors import ConfigError
+from orderbook_store.files.export import export_parquet
+from orderbook_store.files.importers import (
+    FileResult,
+    ImportOptions,
+    ImportSummary,
+    import_paths,
+    known_formats,
+)
+from orderbook_store.files.importers.verify import VerifySummary, verify_paths
+from orderbook_store.settings import Settings
 
 Paths = Annotated[
     list[Path],

@@ -17,12 +17,11 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.csvlines import CsvLayout, read_csv, split_header
+from orderbook_store.files.importers.rows import Checked
+from orderbook_store.files.importers.source import Digest, ImportUnit, open_binary
 from orderbook_store.quote import DEFAULT_EXCHANGE
-
-from .base import ImportOptions, Reader, RefusedFile
-from .csvlines import CsvLayout, read_csv, split_header
-from .rows import Checked
-from .source import Digest, ImportUnit, open_binary
 
 NAME: Final = "binance-bookticker-csv"
 DESCRIPTION: Final = (

@@ -28,11 +28,10 @@ import pyarrow.compute as pc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.detect import detect, expand
+from orderbook_store.files.importers.rows import Checked
 from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
-
-from .base import ImportOptions, Reader, RefusedFile
-from .detect import detect, expand
-from .rows import Checked
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``orderbook-store partitions ...``: keep partitions ahead of time, list them, prune old ones.
 
 Each command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``)
-and does its work through ``orderbook_store.partitions``.
+and does its work through ``orderbook_store.ops.partitions``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import partitions
-from .engine import create_engine
-from .errors import ConfigError
-from .settings import Settings
+from orderbook_store.engine import create_engine
+from orderbook_store.errors import ConfigError
+from orderbook_store.ops import partitions
+from orderbook_store.settings import Settings
 
 app = typer.Typer(
     help="Manage orderbook_data's date partitions: ensure, list, prune.",

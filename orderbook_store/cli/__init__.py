@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
-from . import cli_files, cli_ops, migrations
-from .cli_partitions import app as partitions_app
-from .errors import OrderbookStoreError
-from .settings import Settings
+from orderbook_store.cli import files as cli_files
+from orderbook_store.cli import ops as cli_ops
+from orderbook_store.cli.partitions import app as partitions_app
+from orderbook_store.errors import OrderbookStoreError
+from orderbook_store.ops import migrations
+from orderbook_store.settings import Settings
 
 app = typer.Typer(
     help="Store and read best bid/ask quotes in PostgreSQL.",

@@ -11,10 +11,10 @@ How a quote travels
     all (group commit): batches grow with the load and the per-transaction cost is shared.
 
 When a write fails
-    the failure is classified (:mod:`orderbook_store.failures`) and handled by its class:
+    the failure is classified (:mod:`orderbook_store.write.failures`) and handled by its class:
 
     * *passing* (lost connection, server restart or failover, full pool, no answer): the
-      batch goes to the durable disk spool (:mod:`orderbook_store.spool`) under its id, and so
+      batch goes to the durable disk spool (:mod:`orderbook_store.write.spool`) under its id, and so
       does every batch formed until the server answers again. Retries back off exponentially
       (capped, with jitter). Once a write succeeds the spool is replayed in order before
       anything newer, so rows reach the table in the order they were added (one exception: a
@@ -29,7 +29,7 @@ When a write fails
       the database encoding cannot store): the batch is written again at once, bisected under
       savepoints until each refused row is found; every other row is written and each refused
       row goes to the dead-letter file beside the spool with the server's reason
-      (:mod:`orderbook_store.dead_letters`), one log line per batch. Nothing waits behind it.
+      (:mod:`orderbook_store.write.dead_letters`), one log line per batch. Nothing waits behind it.
     * *configuration* (password, privileges, missing schema, unknown database, TLS, read-only
       node): the rows are kept as for a passing failure and retried every
       ``config_retry_s``; ``flush()`` raises :class:`~orderbook_store.errors.WritesBlocked`
@@ -38,7 +38,7 @@ When a write fails
 
 Bounds
     A batch (and so a spool record) holds at most ``max_batch_rows`` rows and at most
-    ``max_batch_bytes`` bytes of COPY text (``copy_encode.MAX_ROW_BYTES`` per row at worst).
+    ``max_batch_bytes`` bytes of COPY text (``pg.copy_in.MAX_ROW_BYTES`` per row at worst).
 
 Exactly once
     The ledger insert and the rows share one transaction, and the ledger insert comes first
@@ -92,15 +92,7 @@ from sqlalchemy import bindparam, delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import dead_letters
-from .copy_encode import (
-    COPY_COLUMNS,
-    MAX_ROW_BYTES,
-    copy_lines,
-    decode_copy_line,
-    encode_copy_text,
-)
-from .errors import (
+from orderbook_store.errors import (
     DatabaseUnavailable,
     InvalidQuote,
     RowsLost,
@@ -108,11 +100,31 @@ from .errors import (
     WriterClosed,
     WritesBlocked,
 )
-from .failures import Failure, FailureClass, classify, failure_chain, sqlstate_of
-from .models import OrderbookData, WriteBatch
-from .quote import Quote, QuoteRow, to_row
-from .settings import Settings
-from .spool import Spool, SpoolError, SpoolRecord, default_spool_dir, target_dirname
+from orderbook_store.models import OrderbookData, WriteBatch
+from orderbook_store.pg.copy_in import (
+    COPY_COLUMNS,
+    MAX_ROW_BYTES,
+    copy_lines,
+    decode_copy_line,
+    encode_copy_text,
+)
+from orderbook_store.quote import Quote, QuoteRow, to_row
+from orderbook_store.settings import Settings
+from orderbook_store.write import dead_letters
+from orderbook_store.write.failures import (
+    Failure,
+    FailureClass,
+    classify,
+    failure_chain,
+    sqlstate_of,
+)
+from orderbook_store.write.spool import (
+    Spool,
+    SpoolError,
+    SpoolRecord,
+    default_spool_dir,
+    target_dirname,
+)
 
 __all__ = ["Writer", "WriterStats", "copy_rows"]
 
@@ -224,7 +236,7 @@ async def raw_connection(conn: AsyncConnection) -> asyncpg.Connection:
 
 
 async def copy_rows(conn: AsyncConnection, data: bytes | AsyncIterable[bytes]) -> None:
-    """COPY ``data`` (COPY text of ``copy_encode.COPY_COLUMNS``) into the table on ``conn``.
+    """COPY ``data`` (COPY text of ``pg.copy_in.COPY_COLUMNS``) into the table on ``conn``.
 
     ``data`` is bytes or an async iterable of bytes. Runs inside ``conn``'s transaction, which
     must already have begun (execute something first: the asyncpg dialect begins lazily).
@@ -278,7 +290,7 @@ class Writer:
         self.spool_dir = Path(root).expanduser() / target_dirname(
             settings.host, settings.port, settings.name
         )
-        #: Where rows the server refused are kept (see orderbook_store.dead_letters).
+        #: Where rows the server refused are kept (see orderbook_store.write.dead_letters).
         self.dead_letter_path = self.spool_dir / dead_letters.FILE_NAME
         self._spool = Spool(self.spool_dir)
         self._spool_ok = False

@@ -19,11 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.rows import Checked, check
+from orderbook_store.files.importers.source import Digest, ImportUnit, line_numbers
 from orderbook_store.models import DECIMAL_COLUMNS
-
-from .base import ImportOptions, Reader, RefusedFile
-from .rows import Checked, check
-from .source import Digest, ImportUnit, line_numbers
 
 NAME: Final = "parquet"
 DESCRIPTION: Final = (

@@ -13,9 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from . import binance_csv, binance_jsonl, parquet_tree, tardis_book_snapshot, tardis_quotes
-from .base import ImportOptions, Reader, RefusedFile
-from .source import ImportUnit, compression_of, head_of, units_of
+from orderbook_store.files.importers import (
+    binance_csv,
+    binance_jsonl,
+    parquet_tree,
+    tardis_book_snapshot,
+    tardis_quotes,
+)
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.source import ImportUnit, compression_of, head_of, units_of
 
 _TEXT_FORMATS: Final[tuple[Callable[[ImportUnit, str, ImportOptions], Reader | None], ...]] = (
     tardis_quotes.sniff,

@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from orderbook_store.files.importers.rows import Checked, Rejected, check
+from orderbook_store.files.importers.source import LineBlock, iter_lines, line_numbers
 from orderbook_store.models import DECIMAL_COLUMNS
-
-from .rows import Checked, Rejected, check
-from .source import LineBlock, iter_lines, line_numbers
 
 
 @dataclass(frozen=True)

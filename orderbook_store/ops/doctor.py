@@ -27,12 +27,13 @@ from typing import Literal
 
 import asyncpg
 
-from . import dead_letters, migrations
-from .engine import connector
-from .errors import OrderbookStoreError
-from .models import OrderbookData
-from .settings import Settings
-from .spool import MAGIC, default_spool_dir, target_dirname
+from orderbook_store.engine import connector
+from orderbook_store.errors import OrderbookStoreError
+from orderbook_store.models import OrderbookData
+from orderbook_store.ops import migrations
+from orderbook_store.settings import Settings
+from orderbook_store.write import dead_letters
+from orderbook_store.write.spool import MAGIC, default_spool_dir, target_dirname
 
 __all__ = ["Check", "Report", "Status", "run", "run_checks"]
 

@@ -3,7 +3,7 @@
 How a range read works, and why:
 
 * One ``COPY (SELECT ...) TO STDOUT`` per symbol, in text format, decoded on the client by
-  ``copy_decode`` (vectorized numpy). The server sends ``numeric`` as stored (its text form is as
+  ``pg.copy_out`` (vectorized numpy). The server sends ``numeric`` as stored (its text form is as
   cheap to produce as binary) instead of casting to ``float8``, which is what bounds connectorx
   and ``read_sql``; floats come out exactly ``float(Decimal(stored value))``.
 * COPY cannot take bind parameters, and user strings never become SQL text here: the symbol
@@ -46,8 +46,8 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .copy_decode import ColumnKind, DecodedColumn, TextColumn, TextCopyDecoder
-from .models import DECIMAL_COLUMNS, QUOTE_COLUMNS
+from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
+from orderbook_store.pg.copy_out import ColumnKind, DecodedColumn, TextColumn, TextCopyDecoder
 
 if TYPE_CHECKING:
     import asyncpg

@@ -6,9 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from orderbook_store.errors import OrderbookStoreError
-
-from .rows import Checked
-from .source import Digest, ImportUnit
+from orderbook_store.files.importers.rows import Checked
+from orderbook_store.files.importers.source import Digest, ImportUnit
 
 
 class RefusedFile(OrderbookStoreError):

@@ -21,11 +21,16 @@ from typing import Final
 
 import pyarrow as pa
 
+from orderbook_store.files.importers.base import ImportOptions, Reader
+from orderbook_store.files.importers.rows import ROW_SCHEMA, Checked, check
+from orderbook_store.files.importers.source import (
+    Digest,
+    ImportUnit,
+    head_of,
+    iter_lines,
+    open_binary,
+)
 from orderbook_store.quote import DEFAULT_EXCHANGE
-
-from .base import ImportOptions, Reader
-from .rows import ROW_SCHEMA, Checked, check
-from .source import Digest, ImportUnit, head_of, iter_lines, open_binary
 
 NAME: Final = "binance-bookticker-jsonl"
 DESCRIPTION: Final = (

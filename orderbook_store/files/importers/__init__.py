@@ -14,10 +14,16 @@ the database (:mod:`.verify`). One module per format:
 
 from __future__ import annotations
 
-from .base import ImportOptions, Reader, RefusedFile
-from .detect import FORMATS, detect, expand, known_formats
-from .pipeline import FileResult, ImportProgress, ImportSummary, import_paths, import_unit
-from .source import ImportUnit
+from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.detect import FORMATS, detect, expand, known_formats
+from orderbook_store.files.importers.pipeline import (
+    FileResult,
+    ImportProgress,
+    ImportSummary,
+    import_paths,
+    import_unit,
+)
+from orderbook_store.files.importers.source import ImportUnit
 
 __all__ = [
     "FORMATS",

@@ -36,7 +36,7 @@ Record format (little endian)::
         batch_id    16 bytes (UUID; the ledger key that makes replays exactly-once)
         created_us  u64      when the batch was formed, microseconds since the epoch
         rows        u32      number of rows in the batch
-        data        COPY text of the rows (``copy_encode.encode_copy_text``)
+        data        COPY text of the rows (``pg.copy_in.encode_copy_text``)
 
 Every append is written with one ``write`` and then ``fsync``-ed; a new segment's directory is
 ``fsync``-ed too, so an acknowledged append survives a power cut. A record that was being

@@ -40,8 +40,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .errors import ConfigError
-from .models import DECIMAL_COLUMNS, OrderbookData
+from orderbook_store.errors import ConfigError
+from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
 
 #: Rows fetched per query: one hour of one symbol.
 WINDOW_US: Final = 3_600_000_000

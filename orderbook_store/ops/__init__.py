@@ -1,0 +1,1 @@
+"""Operating the store: migrations, partitions, least-privilege roles and the doctor's checks."""
