@@ -38,19 +38,52 @@ import datetime as dt
 import json
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
-from orderbook_store.pg.copy_out import ColumnKind, DecodedColumn, TextColumn, TextCopyDecoder
+from orderbook_store.models import QUOTE_COLUMNS
+from orderbook_store.pg.copy_out import DecodedColumn, TextCopyDecoder
 
 if TYPE_CHECKING:
     import asyncpg
+
+from orderbook_store.read.columns import (
+    _Block,
+    _block_from_batches,
+    _merge_blocks,
+    _split_block,
+    _take_or_missing,
+)
+from orderbook_store.read.frames import _rows_to_columns, build_frame
+from orderbook_store.read.plan import (
+    _BIND_SQL,
+    _BOUNDS_SQL,
+    _ESTIMATE_SQL,
+    _IN_FORCE_SQL,
+    OUTPUT_FORMATS,
+    READ_COLUMNS,
+    Frame,
+    Output,
+    _check_exchange,
+    _check_output,
+    _check_symbol,
+    _Part,
+    _Plan,
+    _symbol_list,
+    plan_quotes,
+)
+from orderbook_store.read.sql import (
+    ASOF_SQL,
+    LATEST_ALL_SQL,
+    LATEST_SOME_SQL,
+    RESAMPLE_COLUMNS,
+    RESAMPLE_SQL,
+)
+from orderbook_store.read.times import TimeLike, parse_freq_us, to_epoch_us
+
+_SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -62,518 +95,6 @@ __all__ = [
     "parse_freq_us",
     "to_epoch_us",
 ]
-
-Output = Literal["pandas", "polars", "arrow", "numpy"]
-OUTPUT_FORMATS: tuple[str, ...] = ("pandas", "polars", "arrow", "numpy")
-#: What ``columns=`` may name: the quote columns plus the row ``id``.
-READ_COLUMNS: tuple[str, ...] = ("id", *QUOTE_COLUMNS)
-TimeLike: TypeAlias = "dt.datetime | dt.date | str | int | np.datetime64 | np.integer[npt.NBitBase]"
-#: pandas.DataFrame, polars.DataFrame, pyarrow.Table or dict[str, numpy.ndarray].
-Frame: TypeAlias = object
-
-_TIME_COLUMNS = frozenset({"timestamp", "local_timestamp", "time", "bucket"})
-_TEXT_COLUMNS = frozenset({"exchange", "symbol"})
-_INT_COLUMNS = frozenset({"id", "quotes"})
-_SYMBOL_MAX_CHARS = 20  # VARCHAR(20): a longer symbol cannot be stored, so matches nothing
-_EXCHANGE_MAX_CHARS = 50
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_US = dt.timedelta(microseconds=1)
-_INT8_MIN, _INT8_MAX = -(2**63), 2**63 - 1
-_NAT = np.iinfo(np.int64).min  # numpy's NaT, as int64: a missing time
-
-# The statement that binds this read's values; COPY below reads them back. The planner knobs
-# keep the ordered index scan (a bitmap scan plus a full sort is what the planner picks for
-# large ranges, and is slower) and turn JIT off (its compile time is pure loss here).
-_BIND_SQL = (
-    "SELECT set_config('orderbook_store.symbol', $1, true),"
-    " set_config('orderbook_store.exchange', $2, true),"
-    " set_config('jit', 'off', true),"
-    " set_config('enable_bitmapscan', 'off', true),"
-    " set_config('enable_seqscan', 'off', true)"
-)
-_WHERE_SQL = (
-    " FROM orderbook_data"
-    " WHERE symbol = current_setting('orderbook_store.symbol')"
-    " AND timestamp >= {start_us:d} AND timestamp < {end_us:d}"
-)
-_EXCHANGE_SQL = " AND exchange = current_setting('orderbook_store.exchange')"
-_RANGE_SQL = (
-    " FROM orderbook_data WHERE symbol = $1 AND timestamp >= $2::bigint"
-    " AND timestamp < $3::bigint AND ($4::text IS NULL OR exchange = $4::text)"
-)
-#: The planner's row estimate for a range (bound values, so a custom plan: a real estimate).
-_ESTIMATE_SQL = "EXPLAIN (FORMAT JSON) SELECT 1" + _RANGE_SQL
-#: First and last timestamp in a range: two index probes.
-_BOUNDS_SQL = (
-    f"SELECT (SELECT timestamp{_RANGE_SQL} ORDER BY symbol, timestamp LIMIT 1) AS first,"
-    f" (SELECT timestamp{_RANGE_SQL} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
-)
-#: The timestamp of the quote in force at a time: one backward index probe.
-_IN_FORCE_SQL = (
-    "SELECT timestamp FROM orderbook_data WHERE symbol = $1 AND timestamp <= $2::bigint"
-    " AND ($3::text IS NULL OR exchange = $3::text) ORDER BY symbol DESC, timestamp DESC LIMIT 1"
-)
-_SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
-
-
-def to_epoch_us(value: object, name: str = "time") -> int:
-    """Microseconds since the Unix epoch (UTC) for any accepted time form; ``ValueError`` else.
-
-    Naive ``datetime``/ISO strings/``numpy.datetime64`` are UTC. Sub-microsecond parts round up.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not a time")
-    if isinstance(value, int | np.integer):
-        micros = int(value)
-    elif isinstance(value, np.datetime64):
-        micros = _datetime64_us(value, name)
-    elif isinstance(value, dt.datetime):
-        micros = _datetime_us(value)
-    elif isinstance(value, dt.date):
-        micros = _datetime_us(dt.datetime(value.year, value.month, value.day))
-    elif isinstance(value, str):
-        micros = _parse_time_text(value, name)
-    else:
-        raise ValueError(f"{name}={value!r} is not a time (datetime, ISO string, int µs, ...)")
-    if not _INT8_MIN <= micros <= _INT8_MAX:
-        raise ValueError(f"{name}={value!r} is out of range")
-    return micros
-
-
-def _datetime_us(value: dt.datetime) -> int:
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
-    micros = (aware - _EPOCH) // _US
-    nanos = getattr(value, "nanosecond", 0)  # pandas.Timestamp carries nanoseconds
-    return micros + 1 if nanos else micros
-
-
-def _datetime64_us(value: np.datetime64, name: str) -> int:
-    if np.isnat(value):
-        raise ValueError(f"{name}={value!r} is not a time (NaT)")
-    floor = value.astype("datetime64[us]")
-    micros = int(floor.astype(np.int64))
-    return micros + 1 if floor < value else micros
-
-
-def _parse_time_text(text: str, name: str) -> int:
-    stripped = text.strip()
-    try:
-        parsed = dt.datetime.fromisoformat(stripped.replace("Z", "+00:00"))
-    except ValueError:
-        parsed = None
-    if parsed is not None:
-        return _datetime_us(parsed)
-    try:
-        import pandas as pd
-
-        stamp: dt.datetime | None = pd.Timestamp(stripped)
-    except (ImportError, ValueError, TypeError, OverflowError):
-        stamp = None
-    if not isinstance(stamp, dt.datetime) or str(stamp) == "NaT":
-        raise ValueError(f"{name}={text!r} is not a time (expected ISO 8601)") from None
-    return _datetime_us(stamp)
-
-
-_FREQ_UNITS_US = {
-    "us": 1,
-    "ms": 1_000,
-    "s": 1_000_000,
-    "sec": 1_000_000,
-    "m": 60_000_000,
-    "min": 60_000_000,
-    "t": 60_000_000,
-    "h": 3_600_000_000,
-    "d": 86_400_000_000,
-}
-_FREQ_RE = re.compile(r"^\s*(\d+)?\s*([a-zA-Z]+)\s*$")
-
-
-def parse_freq_us(freq: object) -> int:
-    """A bucket width in microseconds from ``"1s"``, ``"5min"``, ``"1h"``, a timedelta or int µs."""
-    if isinstance(freq, bool):
-        raise ValueError(f"freq={freq!r} is not a duration")
-    if isinstance(freq, int | np.integer):
-        width = int(freq)
-    elif isinstance(freq, dt.timedelta):
-        width = freq // _US
-    elif isinstance(freq, np.timedelta64):
-        width = int(freq.astype("timedelta64[us]").astype(np.int64))
-    elif isinstance(freq, str):
-        match = _FREQ_RE.match(freq)
-        unit = _FREQ_UNITS_US.get(match.group(2).lower()) if match else None
-        if match is None or unit is None:
-            raise ValueError(f"freq={freq!r} is not a duration like '1s', '5min', '1h'")
-        width = int(match.group(1) or 1) * unit
-    else:
-        raise ValueError(f"freq={freq!r} is not a duration")
-    if width <= 0:
-        raise ValueError(f"freq={freq!r} must be positive")
-    return width
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one range read sends and returns, after validation."""
-
-    symbols: tuple[str, ...]  # the ones that can exist, in output order
-    start_us: int
-    end_us: int
-    exchange: str | None
-    columns: tuple[str, ...]
-    output: Output
-    exact: bool
-
-    @property
-    def copy_columns(self) -> tuple[str, ...]:
-        """Columns the COPY sends: timestamp and id first (for the order check), then values."""
-        wanted = [c for c in self.columns if c not in ("symbol", "timestamp", "id")]
-        if self.exchange is not None and "exchange" in wanted:
-            wanted.remove("exchange")  # constant: filled in on the client
-        return ("timestamp", "id", *wanted)
-
-    @property
-    def kinds(self) -> tuple[ColumnKind, ...]:
-        return tuple(_kind(c) for c in self.copy_columns)
-
-    def copy_sql(
-        self, *, order_by_id: bool, start_us: int | None = None, end_us: int | None = None
-    ) -> str:
-        """The COPY query for ``[start_us, end_us)`` (the plan's range by default).
-
-        The bounds go in as literals (``int`` only, formatted with ``:d``): see the module doc.
-        """
-        exchange = _EXCHANGE_SQL if self.exchange is not None else ""
-        order = "timestamp, id" if order_by_id else "timestamp"
-        select = ", ".join(self.copy_columns)
-        where = _WHERE_SQL.format(
-            start_us=int(self.start_us if start_us is None else start_us),
-            end_us=int(self.end_us if end_us is None else end_us),
-        )
-        # asyncpg's copy_from_query wraps this in COPY (...) TO STDOUT.
-        return f"SELECT {select}{where}{exchange} ORDER BY {order}"
-
-    def bind_args(self, symbol: str) -> tuple[str, str]:
-        """Values ``_BIND_SQL`` binds for a read of ``symbol``."""
-        return (symbol, self.exchange or "")
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One COPY of a range read: a symbol and a sub-range of the requested times."""
-
-    symbol: str
-    start_us: int
-    end_us: int
-
-
-def _kind(column: str) -> ColumnKind:
-    if column in DECIMAL_COLUMNS:
-        return ColumnKind.NUMERIC
-    if column in _TEXT_COLUMNS:
-        return ColumnKind.TEXT
-    return ColumnKind.INT8
-
-
-def _check_symbol(symbol: object) -> str:
-    if not isinstance(symbol, str) or not symbol:
-        raise ValueError(f"symbol={symbol!r} must be a non-empty string")
-    if "\x00" in symbol:
-        raise ValueError(f"symbol={symbol!r} contains NUL, which PostgreSQL text cannot hold")
-    try:
-        symbol.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"symbol={symbol!r} is not valid Unicode text") from None
-    return symbol
-
-
-def _symbol_list(symbols: str | Iterable[str] | None) -> list[str]:
-    if symbols is None:
-        return []
-    if isinstance(symbols, str):
-        return [_check_symbol(symbols)]
-    if not isinstance(symbols, Iterable):
-        raise ValueError(f"symbols={symbols!r} must be a string or a list of strings")
-    checked = [_check_symbol(s) for s in symbols]
-    if not checked:
-        raise ValueError("symbols=[] names no symbol")
-    return checked
-
-
-def _check_output(output: object) -> Output:
-    if output not in OUTPUT_FORMATS:
-        raise ValueError(f"output={output!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    return output  # type: ignore[return-value]
-
-
-def _check_exchange(exchange: object) -> str | None:
-    if exchange is None:
-        return None
-    if not isinstance(exchange, str) or not exchange or "\x00" in exchange:
-        raise ValueError(f"exchange={exchange!r} must be a non-empty string without NUL")
-    return exchange
-
-
-def _check_columns(columns: Sequence[str] | None) -> tuple[str, ...]:
-    if columns is None:
-        return QUOTE_COLUMNS
-    if isinstance(columns, str):
-        columns = [columns]
-    chosen = tuple(columns)
-    for column in chosen:
-        if column not in READ_COLUMNS:
-            raise ValueError(f"columns: {column!r} is not one of {', '.join(READ_COLUMNS)}")
-    if not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(f"columns={list(chosen)!r} must name each column once")
-    return chosen
-
-
-def plan_quotes(
-    symbols: str | Iterable[str],
-    start: object,
-    end: object,
-    *,
-    exchange: str | None = None,
-    columns: Sequence[str] | None = None,
-    output: str = "pandas",
-    exact: bool = False,
-) -> _Plan:
-    """Validate a range read's arguments (``ValueError`` naming the bad value)."""
-    if symbols is None:
-        raise ValueError("symbol=None: name one symbol or a list of them")
-    names = _symbol_list(symbols)
-    start_us = to_epoch_us(start, "start")
-    end_us = to_epoch_us(end, "end")
-    if start_us >= end_us:
-        raise ValueError(f"start={start!r} must be before end={end!r}")
-    checked_output = _check_output(output)
-    checked_exchange = _check_exchange(exchange)
-    # Unique, in code-point order (the output order); names too long for VARCHAR(20) match
-    # nothing, so they are never sent.
-    ordered = tuple(s for s in sorted(set(names)) if len(s) <= _SYMBOL_MAX_CHARS)
-    if checked_exchange is not None and len(checked_exchange) > _EXCHANGE_MAX_CHARS:
-        ordered = ()
-    return _Plan(
-        ordered,
-        start_us,
-        end_us,
-        checked_exchange,
-        _check_columns(columns),
-        checked_output,
-        bool(exact),
-    )
-
-
-# -- assembling decoded columns ------------------------------------------------------------
-
-
-@dataclass
-class _Block:
-    """Decoded rows of one symbol (or one chunk of them), columns by name."""
-
-    symbol: str
-    nrows: int
-    columns: dict[str, DecodedColumn]
-
-
-def _concat(parts: list[DecodedColumn], kind: ColumnKind, exact: bool) -> DecodedColumn:
-    if kind is ColumnKind.TEXT:
-        texts = [p for p in parts if isinstance(p, TextColumn)]
-        return _concat_text(texts)
-    arrays = [p for p in parts if isinstance(p, np.ndarray)]
-    if not arrays:
-        dtype = np.int64 if kind is ColumnKind.INT8 else (object if exact else np.float64)
-        return np.zeros(0, dtype=dtype)
-    if len(arrays) == 1:
-        return arrays[0]
-    return np.concatenate(arrays)  # type: ignore[return-value]
-
-
-def _concat_text(parts: list[TextColumn]) -> TextColumn:
-    if not parts:
-        return TextColumn(np.zeros(0, dtype=np.int32), ())
-    if len(parts) == 1:
-        return parts[0]
-    categories: dict[str, int] = {}
-    recoded: list[npt.NDArray[np.int32]] = []
-    for part in parts:
-        remap = np.empty(len(part.categories) + 1, dtype=np.int32)
-        for i, value in enumerate(part.categories):
-            remap[i] = categories.setdefault(value, len(categories))
-        remap[-1] = -1
-        recoded.append(remap[part.codes])
-    return TextColumn(np.concatenate(recoded), tuple(categories))
-
-
-def _block_from_batches(
-    plan: _Plan, symbol: str, batches: list[list[DecodedColumn]], *, check_order: bool
-) -> _Block:
-    names = plan.copy_columns
-    kinds = plan.kinds
-    columns = {
-        name: _concat([batch[i] for batch in batches], kinds[i], plan.exact)
-        for i, name in enumerate(names)
-    }
-    timestamps = columns["timestamp"]
-    nrows = len(timestamps)
-    if check_order and nrows > 1:
-        ids = columns["id"]
-        assert isinstance(timestamps, np.ndarray) and isinstance(ids, np.ndarray)
-        same_time = timestamps[1:] == timestamps[:-1]
-        if (same_time & (ids[1:] < ids[:-1])).any():
-            order = np.lexsort((ids, timestamps))
-            columns = {name: _take(col, order) for name, col in columns.items()}
-    return _Block(symbol, nrows, columns)
-
-
-def _take(column: DecodedColumn, order: npt.NDArray[np.intp]) -> DecodedColumn:
-    if isinstance(column, TextColumn):
-        return TextColumn(column.codes[order], column.categories)
-    return column[order]
-
-
-def _constant_text(value: str, nrows: int) -> TextColumn:
-    return TextColumn(np.zeros(nrows, dtype=np.int32), (value,) if nrows else ())
-
-
-def _merge_blocks(plan: _Plan, blocks: list[_Block]) -> dict[str, DecodedColumn]:
-    """The requested columns over all blocks, in block order."""
-    out: dict[str, DecodedColumn] = {}
-    for name in plan.columns:
-        parts: list[DecodedColumn] = []
-        for block in blocks:
-            if name == "symbol":
-                parts.append(_constant_text(block.symbol, block.nrows))
-            elif name == "exchange" and plan.exchange is not None:
-                parts.append(_constant_text(plan.exchange, block.nrows))
-            else:
-                parts.append(block.columns[name])
-        out[name] = _concat(parts, _kind(name), plan.exact)
-    return out
-
-
-# -- output formats ------------------------------------------------------------------------
-
-
-def build_frame(columns: Mapping[str, DecodedColumn], output: Output, *, exact: bool) -> Frame:
-    """Decoded columns -> the requested output type.
-
-    Times (``timestamp``, ``local_timestamp``, ``time``, ``bucket``) become UTC microsecond
-    timestamps; text columns become categoricals (pandas), strings (polars), dictionary arrays
-    (Arrow) or object arrays (numpy). NULL prices are NaN (``None`` when exact).
-    """
-    if output == "numpy":
-        return {name: _numpy_column(name, col) for name, col in columns.items()}
-    if output == "pandas":
-        return _pandas_frame(columns, exact)
-    if output == "polars":
-        return _polars_frame(columns, exact)
-    return _arrow_table(columns, exact)
-
-
-def _numpy_column(name: str, column: DecodedColumn) -> npt.NDArray[np.generic]:
-    if isinstance(column, TextColumn):
-        return column.to_objects()
-    if name in _TIME_COLUMNS:
-        return column.view("datetime64[us]")
-    return column
-
-
-def _pandas_frame(columns: Mapping[str, DecodedColumn], exact: bool) -> Frame:
-    import pandas as pd
-
-    data: dict[str, object] = {}
-    for name, column in columns.items():
-        if isinstance(column, TextColumn):
-            data[name] = pd.Categorical.from_codes(
-                column.codes, categories=pd.Index(list(column.categories), dtype=object)
-            )
-        elif name in _TIME_COLUMNS:
-            times = pd.Series(column.view("datetime64[us]"), copy=False)
-            data[name] = times.dt.tz_localize("UTC")
-        else:
-            data[name] = column
-    return pd.DataFrame(data, copy=False)
-
-
-def _polars_frame(columns: Mapping[str, DecodedColumn], exact: bool) -> Frame:
-    import polars as pl
-
-    series = []
-    for name, column in columns.items():
-        if isinstance(column, TextColumn):
-            values = pl.Series(name, list(column.categories), dtype=pl.String)
-            if (column.codes < 0).any():
-                series.append(pl.Series(name, column.to_objects().tolist(), dtype=pl.String))
-            else:
-                series.append(values.gather(column.codes))
-        elif name in _TIME_COLUMNS:
-            stamps = pl.Series(name, column).cast(pl.Datetime("us", "UTC"))
-            missing = column == _NAT
-            if missing.any():  # as-of rows before the first quote
-                stamps = stamps.scatter(np.flatnonzero(missing), None)
-            series.append(stamps)
-        elif column.dtype == object:
-            series.append(pl.Series(name, column.tolist(), dtype=pl.Decimal(20, 8)))
-        else:
-            series.append(pl.Series(name, column))
-    return pl.DataFrame(series)
-
-
-def _arrow_table(columns: Mapping[str, DecodedColumn], exact: bool) -> Frame:
-    import pyarrow as pa
-
-    arrays = []
-    for name, column in columns.items():
-        if isinstance(column, TextColumn):
-            codes = pa.array(column.codes, mask=column.codes < 0, type=pa.int32())
-            dictionary = pa.array(list(column.categories), type=pa.string())
-            arrays.append(pa.DictionaryArray.from_arrays(codes, dictionary))
-        elif name in _TIME_COLUMNS:
-            stamps = pa.array(column, type=pa.int64(), mask=column == _NAT)
-            arrays.append(stamps.cast(pa.timestamp("us", tz="UTC")))
-        elif column.dtype == object:
-            arrays.append(pa.array(column.tolist(), type=pa.decimal128(20, 8)))
-        else:
-            arrays.append(pa.array(column))
-    return pa.table(arrays, names=list(columns))
-
-
-def _rows_to_columns(
-    rows: Sequence[Mapping[str, object]], names: Sequence[str], exact: bool
-) -> dict[str, DecodedColumn]:
-    """Plain query rows (few of them: latest, asof, resample) -> decoded-column form."""
-    out: dict[str, DecodedColumn] = {}
-    for name in names:
-        values = [row[name] for row in rows]
-        if name in _TEXT_COLUMNS:
-            index: dict[str, int] = {}
-            codes = np.array(
-                [-1 if v is None else index.setdefault(str(v), len(index)) for v in values],
-                dtype=np.int32,
-            )
-            out[name] = TextColumn(codes, tuple(index))
-        elif name in DECIMAL_COLUMNS or isinstance(next(iter(values), None), Decimal | float):
-            if exact and name in DECIMAL_COLUMNS:
-                out[name] = np.array(values, dtype=object)
-            else:
-                out[name] = np.array(
-                    [np.nan if v is None else float(v) for v in values],  # type: ignore[arg-type]
-                    dtype=np.float64,
-                )
-        else:
-            if any(v is None for v in values):
-                if name in _TIME_COLUMNS:
-                    out[name] = np.array([_NAT if v is None else v for v in values], dtype=np.int64)
-                else:
-                    out[name] = np.array(
-                        [np.nan if v is None else v for v in values], dtype=np.float64
-                    )
-            else:
-                out[name] = np.array(values, dtype=np.int64)
-    return out
-
-
-# -- the reader ----------------------------------------------------------------------------
 
 
 class Reader:
@@ -994,48 +515,6 @@ class Reader:
         return build_frame(data, checked_output, exact=False)
 
 
-def _take_or_missing(
-    column: DecodedColumn, index: npt.NDArray[np.intp], missing: npt.NDArray[np.bool_], name: str
-) -> DecodedColumn:
-    """``column[index]``, with rows flagged ``missing`` set to NULL (NaN, NaT, None, code -1)."""
-    if isinstance(column, TextColumn):
-        codes = column.codes[index] if len(column) else np.zeros(len(index), dtype=np.int32)
-        codes[missing] = -1
-        return TextColumn(codes, column.categories)
-    if len(column) == 0:
-        if column.dtype == object:
-            return np.full(len(index), None, dtype=object)
-        if name in _TIME_COLUMNS:
-            return np.full(len(index), _NAT, dtype=np.int64)
-        return np.full(len(index), np.nan, dtype=np.float64)
-    taken = column[index]
-    if missing.any():
-        if taken.dtype == object:
-            taken = np.where(missing, np.array(None, dtype=object), taken)
-        elif name in _TIME_COLUMNS:
-            taken[missing] = _NAT
-        else:
-            taken = taken.astype(np.float64)
-            taken[missing] = np.nan
-    return taken
-
-
-def _split_block(plan: _Plan, block: _Block, nrows: int) -> tuple[_Block, _Block]:
-    head: dict[str, DecodedColumn] = {}
-    tail: dict[str, DecodedColumn] = {}
-    for name, column in block.columns.items():
-        if isinstance(column, TextColumn):
-            head[name] = TextColumn(column.codes[:nrows], column.categories)
-            tail[name] = TextColumn(column.codes[nrows:], column.categories)
-        else:
-            head[name] = column[:nrows]
-            tail[name] = column[nrows:]
-    return (
-        _Block(block.symbol, nrows, head),
-        _Block(block.symbol, block.nrows - nrows, tail),
-    )
-
-
 class _suppress_cancel:
     def __enter__(self) -> None:
         return None
@@ -1075,79 +554,3 @@ async def _raw(conn: object) -> asyncpg.Connection:
     """The asyncpg connection under a SQLAlchemy ``AsyncConnection``."""
     fairy = await conn.get_raw_connection()  # type: ignore[attr-defined]
     return fairy.driver_connection
-
-
-_QUOTE_SELECT = (
-    "o.id, o.exchange, o.symbol, o.timestamp, o.local_timestamp,"
-    " o.ask_amount, o.ask_price, o.bid_price, o.bid_amount"
-)
-
-#: Distinct symbols by a recursive skip scan (each step one index probe for the next greater
-#: symbol), then each symbol's last quote by a backward probe.
-LATEST_ALL_SQL = f"""
-WITH RECURSIVE symbols AS (
-    (SELECT symbol FROM orderbook_data ORDER BY symbol, timestamp LIMIT 1)
-    UNION ALL
-    SELECT (SELECT o.symbol FROM orderbook_data o
-            WHERE o.symbol > s.symbol ORDER BY o.symbol, o.timestamp LIMIT 1)
-    FROM symbols s WHERE s.symbol IS NOT NULL
-)
-SELECT q.* FROM symbols s CROSS JOIN LATERAL (
-    SELECT {_QUOTE_SELECT} FROM orderbook_data o
-    WHERE o.symbol = s.symbol
-    ORDER BY o.timestamp DESC, o.id DESC LIMIT 1
-) q
-WHERE s.symbol IS NOT NULL
-"""
-
-LATEST_SOME_SQL = f"""
-SELECT q.* FROM unnest($1::text[]) AS s(symbol) CROSS JOIN LATERAL (
-    SELECT {_QUOTE_SELECT} FROM orderbook_data o
-    WHERE o.symbol = s.symbol
-    ORDER BY o.timestamp DESC, o.id DESC LIMIT 1
-) q
-"""
-
-ASOF_SQL = f"""
-SELECT t.time, q.* FROM unnest($1::bigint[]) WITH ORDINALITY AS t(time, n)
-LEFT JOIN LATERAL (
-    SELECT {_QUOTE_SELECT} FROM orderbook_data o
-    WHERE o.symbol = $2 AND o.timestamp <= t.time
-      AND ($3::text IS NULL OR o.exchange = $3::text)
-    ORDER BY o.timestamp DESC, o.id DESC LIMIT 1
-) q ON true
-ORDER BY t.n
-"""
-
-RESAMPLE_COLUMNS: tuple[str, ...] = (
-    "bucket",
-    "open",
-    "high",
-    "low",
-    "close",
-    "last_bid",
-    "last_ask",
-    "mean_spread",
-    "quotes",
-)
-
-RESAMPLE_SQL = """
-SELECT bucket,
-       ((array_agg(mid ORDER BY timestamp, id))[1])::float8 AS open,
-       max(mid)::float8 AS high,
-       min(mid)::float8 AS low,
-       ((array_agg(mid ORDER BY timestamp DESC, id DESC))[1])::float8 AS close,
-       ((array_agg(bid_price ORDER BY timestamp DESC, id DESC))[1])::float8 AS last_bid,
-       ((array_agg(ask_price ORDER BY timestamp DESC, id DESC))[1])::float8 AS last_ask,
-       avg(ask_price - bid_price)::float8 AS mean_spread,
-       count(*) AS quotes
-FROM (
-    SELECT timestamp - ((timestamp % $4::bigint) + $4::bigint) % $4::bigint AS bucket,
-           timestamp, id, bid_price, ask_price, (ask_price + bid_price) / 2 AS mid
-    FROM orderbook_data
-    WHERE symbol = $1 AND timestamp >= $2::bigint AND timestamp < $3::bigint
-      AND ($5::text IS NULL OR exchange = $5::text)
-) q
-GROUP BY bucket
-ORDER BY bucket
-"""
