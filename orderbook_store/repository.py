@@ -19,11 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_read_engine, settings_of
 from orderbook_store.models import OrderbookData
+from orderbook_store.pg.connection import copy_quotes_in
 from orderbook_store.pg.copy_in import encode_copy_text
 from orderbook_store.quote import Quote, to_row
 from orderbook_store.read.reader import Frame, Output, Reader, TimeLike
 from orderbook_store.settings import Settings
-from orderbook_store.write.writer import Writer, WriterStats, copy_rows
+from orderbook_store.write.writer import Writer, WriterStats
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,7 +181,7 @@ class OrderbookRepository:
         async with self.engine.connect() as conn:
             try:
                 # One COPY statement is atomic on its own: no explicit transaction needed.
-                await copy_rows(conn, chunks())
+                await copy_quotes_in(conn, chunks())
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.invalidate()

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError
 from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
+from orderbook_store.pg.connection import raw_connection
 
 #: Rows fetched per query: one hour of one symbol.
 WINDOW_US: Final = 3_600_000_000
@@ -203,8 +204,7 @@ async def export_parquet(
     low = start_us
     try:
         async with engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
+            raw = await raw_connection(conn)
             while low < end_us:
                 # Jump over empty stretches: the next quote decides the next window.
                 found = await raw.fetchval(_NEXT, symbol, low, end_us)

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.models import OrderbookData
+from orderbook_store.pg.connection import raw_connection
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = get_args(Period)
@@ -592,8 +593,7 @@ async def _archive(engine: AsyncEngine, part: PartitionInfo, archive_dir: Path, 
     written = 0
     id_sum_db = 0
     async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+        raw = await raw_connection(conn)
         id_sum_db = int(await raw.fetchval(f'SELECT coalesce(sum(id), 0) FROM "{part.name}"'))
         with pq.ParquetWriter(partial, schema) as writer:
             async with raw.transaction(isolation="repeatable_read", readonly=True):

@@ -49,6 +49,7 @@ from orderbook_store.pg.copy_out import DecodedColumn, TextCopyDecoder
 if TYPE_CHECKING:
     import asyncpg
 
+from orderbook_store.pg.connection import raw_connection
 from orderbook_store.read.columns import (
     _Block,
     _block_from_batches,
@@ -153,7 +154,7 @@ class Reader:
         blocks: list[_Block] = []
         if plan.symbols:
             async with self.engine.connect() as conn:
-                raw = await _raw(conn)
+                raw = await raw_connection(conn)
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
                     parts, rows = await self._parts(raw, plan)
                     snapshot = None
@@ -230,7 +231,7 @@ class Reader:
                     conn = await stack.enter_async_context(self.engine.connect())
                     if state["finished"]:
                         return
-                    second = await _raw(conn)
+                    second = await raw_connection(conn)
                     await stack.enter_async_context(
                         second.transaction(isolation="repeatable_read", readonly=True)
                     )
@@ -313,7 +314,7 @@ class Reader:
         if not plan.symbols:
             return
         async with self.engine.connect() as conn:
-            raw = await _raw(conn)
+            raw = await raw_connection(conn)
             async with raw.transaction(isolation="repeatable_read", readonly=True):
                 for symbol in plan.symbols:
                     async for block in self._stream_symbol(raw, plan, symbol, chunk_rows):
@@ -388,7 +389,7 @@ class Reader:
         names = None if symbols is None else sorted(set(_symbol_list(symbols)))
         columns = ("id", *QUOTE_COLUMNS)
         async with self.engine.connect() as conn:
-            raw = await _raw(conn)
+            raw = await raw_connection(conn)
             async with raw.transaction(isolation="repeatable_read", readonly=True):
                 if names is None:
                     rows = await raw.fetch(LATEST_ALL_SQL)
@@ -433,7 +434,7 @@ class Reader:
         rows: list[Mapping[str, object]] = []
         if stamps:
             async with self.engine.connect() as conn:
-                raw = await _raw(conn)
+                raw = await raw_connection(conn)
                 async with raw.transaction(isolation="repeatable_read", readonly=True):
                     fetched = await raw.fetch(ASOF_SQL, stamps, checked_symbol, checked_exchange)
             rows = [dict(r) for r in fetched]
@@ -453,7 +454,7 @@ class Reader:
         """As-of by one bounded range read, or None when that range holds too many rows."""
         earliest, latest = min(stamps), max(stamps)
         async with self.engine.connect() as conn:
-            raw = await _raw(conn)
+            raw = await raw_connection(conn)
             async with raw.transaction(isolation="repeatable_read", readonly=True):
                 in_force = await raw.fetchval(_IN_FORCE_SQL, symbol, earliest, exchange)
                 start = earliest if in_force is None else int(in_force)
@@ -503,7 +504,7 @@ class Reader:
         if start_us >= end_us:
             raise ValueError(f"start={start!r} must be before end={end!r}")
         async with self.engine.connect() as conn:
-            raw = await _raw(conn)
+            raw = await raw_connection(conn)
             async with raw.transaction(isolation="repeatable_read", readonly=True):
                 rows = await raw.fetch(
                     RESAMPLE_SQL, checked_symbol, start_us, end_us, width, checked_exchange
@@ -548,9 +549,3 @@ async def _export_snapshot(raw: asyncpg.Connection) -> str | None:
         "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_export_snapshot() END"
     )
     return None if snapshot is None else str(snapshot)
-
-
-async def _raw(conn: object) -> asyncpg.Connection:
-    """The asyncpg connection under a SQLAlchemy ``AsyncConnection``."""
-    fairy = await conn.get_raw_connection()  # type: ignore[attr-defined]
-    return fairy.driver_connection

@@ -27,11 +27,12 @@ kept and retried, which can only delay them, never lose them.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ssl
 from dataclasses import dataclass
 
-__all__ = ["Failure", "FailureClass", "classify", "failure_chain", "sqlstate_of"]
+__all__ = ["Failure", "FailureClass", "classify", "describe", "failure_chain", "sqlstate_of"]
 
 
 class FailureClass(enum.Enum):
@@ -160,3 +161,31 @@ def classify(exc: BaseException, *, user: str = "", database: str = "") -> Failu
         fix = _fix(state, user, database) if kind is FailureClass.CONFIGURATION else ""
         return Failure(kind, state, fix)
     return Failure(FailureClass.PASSING)  # lost connections, timeouts, and the unknown
+
+
+def describe(exc: BaseException, *, secret: str = "", write_timeout_s: float = 0.0) -> str:
+    """One line about a failure, never containing ``secret``: the server's own error where
+    there is one (not the wrappers around it), else the first links of the chain."""
+    from orderbook_store.errors import DatabaseUnavailable
+
+    chain = failure_chain(exc)
+    with_state = [link for link in chain if sqlstate_of(link) is not None]
+    shown: list[BaseException]
+    if isinstance(exc, DatabaseUnavailable):
+        shown = [exc]  # already one readable line: where, as whom, why
+    elif with_state:
+        shown = [with_state[-1]]  # the driver's error, as the server said it
+    else:
+        shown = chain[:3]
+    parts: list[str] = []
+    for link in shown:
+        if isinstance(link, asyncio.TimeoutError):
+            parts.append(f"no answer within the write timeout ({write_timeout_s:g} s+)")
+        else:
+            first = str(link).strip().splitlines()
+            name = type(link).__name__
+            parts.append(f"{name}: {first[0]}" if first else name)
+    text = " <- ".join(parts)
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:300]

@@ -1,74 +1,7 @@
-"""The write path behind ``OrderbookRepository.add``: buffer, group-commit COPY, retry, spool.
+"""``Writer``: the buffer behind ``OrderbookRepository.add`` and the task that writes it.
 
-How a quote travels
-    ``add()`` validates the quote (``quote.to_row``, about a microsecond), appends the row to an
-    in-memory list and returns. It never awaits the database. One background task takes the
-    pending rows (up to the batch bounds below) whenever ``batch_size`` rows are waiting or
-    ``flush_interval_s`` has passed, encodes them as COPY text and writes them in one
-    transaction: ``COPY orderbook_data FROM
-    STDIN`` plus one row in the ledger table ``orderbook_write_batches`` carrying the batch's
-    id. While that write is in flight new rows keep collecting, and the next write takes them
-    all (group commit): batches grow with the load and the per-transaction cost is shared.
-
-When a write fails
-    the failure is classified (:mod:`orderbook_store.write.failures`) and handled by its class:
-
-    * *passing* (lost connection, server restart or failover, full pool, no answer): the
-      batch goes to the durable disk spool (:mod:`orderbook_store.write.spool`) under its id, and so
-      does every batch formed until the server answers again. Retries back off exponentially
-      (capped, with jitter). Once a write succeeds the spool is replayed in order before
-      anything newer, so rows reach the table in the order they were added (one exception: a
-      batch whose write fails while newer rows had already overflowed to the spool is
-      replayed after them). A process that died (even by SIGKILL) leaves its spool behind;
-      the next writer on the same database adopts and replays it at its start, and a running
-      writer looks for such leftovers hourly.
-    * *too big* (statement or lock timeout): the batch is written again at once, in the same
-      transaction as smaller COPY statements, each half of one that timed out, until they
-      fit. The writer remembers the size that fit for the next batches.
-    * *rows refused* (data exception or integrity violation: a CHECK a DBA added, a character
-      the database encoding cannot store): the batch is written again at once, bisected under
-      savepoints until each refused row is found; every other row is written and each refused
-      row goes to the dead-letter file beside the spool with the server's reason
-      (:mod:`orderbook_store.write.dead_letters`), one log line per batch. Nothing waits behind it.
-    * *configuration* (password, privileges, missing schema, unknown database, TLS, read-only
-      node): the rows are kept as for a passing failure and retried every
-      ``config_retry_s``; ``flush()`` raises :class:`~orderbook_store.errors.WritesBlocked`
-      naming the cause and the fix, ``stats()`` carries it, and ``writes_blocked`` has it for
-      a cheap check. Fixing the cause lets the kept rows through without a restart.
-
-Bounds
-    A batch (and so a spool record) holds at most ``max_batch_rows`` rows and at most
-    ``max_batch_bytes`` bytes of COPY text (``pg.copy_in.MAX_ROW_BYTES`` per row at worst).
-
-Exactly once
-    The ledger insert and the rows share one transaction, and the ledger insert comes first
-    with ``ON CONFLICT DO NOTHING``: a replayed batch whose id is already there was committed
-    before (its COMMIT outcome was unknown when the connection broke) and is skipped. Ledger
-    entries older than ``ledger_retention_s`` (default 7 days) are pruned about once an hour;
-    a spool record older than that is still replayed, with a warning.
-
-Memory
-    At most ``max_pending`` rows wait in memory: beyond that they are moved to the spool by a
-    worker thread (never dropped, never blocking the event loop). Should the disk fall behind
-    by another ``max_pending`` rows, ``add`` awaits it (the disk, never the database). When the
-    spool is unusable, ``add`` raises :class:`~orderbook_store.errors.WriterBackpressure`
-    instead of taking the quote, so memory stays bounded and the caller knows. ``add`` yields
-    to the event loop once every ``_YIELD_EVERY_ROWS`` calls while a batch is ready, so a
-    caller adding in a tight loop still lets the write progress.
-
-Contracts
-    An ``add()`` that returned has its row written by the time ``close()`` returns, or kept in
-    the spool; once ``close()`` has begun, ``add()`` raises
-    :class:`~orderbook_store.errors.WriterClosed`. ``flush(timeout_s=None)`` returns once
-    every row added before the call is committed (the first flush of a writer also waits for
-    what it adopted from the spool). With a timeout that passes first it makes all those rows
-    durable in the spool and raises ``DatabaseUnavailable`` saying so; they are written when
-    the server is back (by this writer, or at the next start). ``close(timeout_s)`` flushes
-    with that timeout, stops the task and releases the spool; rows not written in time stay
-    in the spool and one log line says how many and where. ``close`` raises
-    :class:`~orderbook_store.errors.WritesBlocked` when a configuration failure kept rows from
-    the table, and :class:`~orderbook_store.errors.RowsLost` with the count when rows could be
-    neither written nor spooled; it never raises for a server that is merely unreachable.
+How quotes travel, what each failure class does, the bounds and the contracts are described
+in :mod:`orderbook_store.write` (the package docstring): this module implements them.
 """
 
 from __future__ import annotations
@@ -81,16 +14,13 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import asyncpg
-from sqlalchemy import bindparam, delete, func
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import (
     DatabaseUnavailable,
@@ -100,23 +30,20 @@ from orderbook_store.errors import (
     WriterClosed,
     WritesBlocked,
 )
-from orderbook_store.models import OrderbookData, WriteBatch
 from orderbook_store.pg.copy_in import (
-    COPY_COLUMNS,
     MAX_ROW_BYTES,
-    copy_lines,
     decode_copy_line,
     encode_copy_text,
 )
 from orderbook_store.quote import Quote, QuoteRow, to_row
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
+from orderbook_store.write.careful import CopySizer, Refused
 from orderbook_store.write.failures import (
     Failure,
     FailureClass,
     classify,
-    failure_chain,
-    sqlstate_of,
+    describe,
 )
 from orderbook_store.write.spool import (
     Spool,
@@ -125,8 +52,15 @@ from orderbook_store.write.spool import (
     default_spool_dir,
     target_dirname,
 )
+from orderbook_store.write.stats import WriterStats, format_fields, percentile
+from orderbook_store.write.transactions import (
+    prune_ledger,
+    stream_copy_text,
+    write_batch,
+    write_batch_carefully,
+)
 
-__all__ = ["Writer", "WriterStats", "copy_rows"]
+__all__ = ["Writer", "WriterStats"]
 
 log = logging.getLogger(__name__)
 
@@ -142,58 +76,8 @@ _COPY_CHUNK_ROWS = 4096
 #: How often (seconds) the ledger is pruned and the spool directory looked at for batches
 #: left by writers that stopped while this one runs.
 _PRUNE_EVERY_S = 3600.0
-#: Clean writes in a row after which the COPY statement size, lowered by a timeout, doubles.
-_GROW_AFTER_CLEAN_WRITES = 16
 #: A configuration failure is logged at ERROR when it changes, else at most this often.
 _CONFIG_LOG_EVERY_S = 60.0
-
-_TABLE = OrderbookData.__tablename__
-
-_LEDGER_INSERT = (
-    pg_insert(WriteBatch)
-    .values(batch_id=bindparam("batch_id"), rows=bindparam("rows"))
-    .on_conflict_do_nothing(index_elements=[WriteBatch.batch_id])
-    .returning(WriteBatch.batch_id)
-)
-_LEDGER_PRUNE = delete(WriteBatch).where(
-    WriteBatch.committed_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, bindparam("secs"))
-)
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStats:
-    """A snapshot of the writer's counters (rows unless named otherwise).
-
-    ``rows_written`` counts rows this writer committed (directly or from the spool);
-    ``rows_replayed`` the part of them that came back from the spool, including batches
-    adopted from a writer that stopped; ``rows_spooled`` rows this writer put in the spool;
-    ``rows_rejected`` quotes ``add`` refused as invalid; ``rows_refused`` rows the server
-    refused, now in the dead-letter file; ``retries`` failed write attempts that were retried;
-    ``batches`` committed transactions. Latencies are of one batch's write (pool checkout,
-    COPY, commit), in seconds. ``last_error`` describes the latest failure while writes are
-    failing (with the fix, for a configuration failure) and ``failure_class`` names its class
-    (``"passing"``, ``"configuration"``...); both are ``None`` once a write succeeds.
-    """
-
-    rows_added: int
-    rows_written: int
-    rows_spooled: int
-    rows_replayed: int
-    rows_rejected: int
-    rows_refused: int
-    rows_pending: int
-    rows_in_spool: int
-    retries: int
-    batches: int
-    last_flush_latency_s: float | None
-    flush_latency_p50_s: float | None
-    flush_latency_p99_s: float | None
-    last_error: str | None = None
-    failure_class: str | None = None
-
-    def as_dict(self) -> dict[str, int | float | str | None]:
-        """The fields as a plain dict (what the log lines carry)."""
-        return asdict(self)
 
 
 @dataclass(slots=True, eq=False)
@@ -212,42 +96,6 @@ class _Batch:
             self.data = encode_copy_text(self.row_list)
             self.row_list = None
         return self.data
-
-
-@dataclass(frozen=True, slots=True)
-class _Refused:
-    """A row the server refused inside a batch: its index, SQLSTATE and message."""
-
-    index: int
-    sqlstate: str | None
-    reason: str
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
-async def raw_connection(conn: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under ``conn`` (for COPY, which SQLAlchemy does not wrap)."""
-    raw = (await conn.get_raw_connection()).driver_connection
-    assert raw is not None
-    return raw
-
-
-async def copy_rows(conn: AsyncConnection, data: bytes | AsyncIterable[bytes]) -> None:
-    """COPY ``data`` (COPY text of ``pg.copy_in.COPY_COLUMNS``) into the table on ``conn``.
-
-    ``data`` is bytes or an async iterable of bytes. Runs inside ``conn``'s transaction, which
-    must already have begun (execute something first: the asyncpg dialect begins lazily).
-    """
-    await _copy_raw(await raw_connection(conn), data)
-
-
-async def _copy_raw(raw: asyncpg.Connection, data: bytes | AsyncIterable[bytes]) -> None:
-    # A memoryview, because asyncpg would take plain bytes for a file *path*.
-    source = memoryview(data) if isinstance(data, bytes) else data
-    await raw.copy_to_table(_TABLE, source=source, columns=list(COPY_COLUMNS), format="text")
 
 
 class Writer:
@@ -278,8 +126,7 @@ class Writer:
             1, min(settings.max_batch_rows, settings.max_batch_bytes // MAX_ROW_BYTES)
         )
         #: Rows per COPY statement; lowered when one times out, grown back after clean writes.
-        self._copy_rows_limit = self._max_batch_rows
-        self._clean_writes = 0
+        self._sizer = CopySizer(self._max_batch_rows)
         self._write_timeout_s = write_timeout_s
         self._close_timeout_s = close_timeout_s
         self._retry_base_s = retry_base_s
@@ -585,7 +432,7 @@ class Writer:
                 lost,
                 self._last_error,
                 self._spool_error,
-                _fields(stats),
+                format_fields(stats),
                 extra={"orderbook_store": stats.as_dict()},
             )
         elif left_rows or left_batches:
@@ -598,13 +445,13 @@ class Writer:
                 left_batches,
                 self.spool_dir,
                 self._last_error or "database slow",
-                _fields(stats),
+                format_fields(stats),
                 extra={"orderbook_store": stats.as_dict()},
             )
         else:
             log.info(
                 "writer closed: everything written; %s",
-                _fields(stats),
+                format_fields(stats),
                 extra={"orderbook_store": stats.as_dict()},
             )
         return lost, left_rows
@@ -627,8 +474,8 @@ class Writer:
             retries=self._retries,
             batches=self._batches,
             last_flush_latency_s=self._latencies[-1] if self._latencies else None,
-            flush_latency_p50_s=_percentile(latencies, 0.5) if latencies else None,
-            flush_latency_p99_s=_percentile(latencies, 0.99) if latencies else None,
+            flush_latency_p50_s=percentile(latencies, 0.5) if latencies else None,
+            flush_latency_p99_s=percentile(latencies, 0.99) if latencies else None,
             last_error=self._last_error or None,
             failure_class=failure.kind.value if failure is not None else None,
         )
@@ -868,7 +715,7 @@ class Writer:
             self._attempt,
             delay,
             self._last_error,
-            _fields(stats),
+            format_fields(stats),
             extra={"orderbook_store": stats.as_dict()},
         )
         if failure.kind is FailureClass.CONFIGURATION:
@@ -984,7 +831,7 @@ class Writer:
 
     async def _write_batch(self, batch: _Batch) -> bool:
         """Write one batch from memory; False if the database failed (the caller spools it)."""
-        source = batch.data or _chunked(batch.row_list or [])
+        source = batch.data or stream_copy_text(batch.row_list or [])
         result = await self._attempt_write(batch.batch_id, batch.rows, source, batch.encoded)
         if result is None:
             return False
@@ -1010,14 +857,14 @@ class Writer:
         started = time.perf_counter()
         timeout_s = self._timeout_for(rows)
         try:
-            if rows > self._copy_rows_limit:
+            if rows > self._sizer.limit:
                 result = await asyncio.wait_for(
-                    self._careful_transaction(batch_id, encoded()), timeout_s
+                    self._write_carefully(batch_id, encoded()), timeout_s
                 )
             else:
                 try:
                     written = await asyncio.wait_for(
-                        self._transaction(batch_id, rows, data), timeout_s
+                        write_batch(self._engine, batch_id, rows, data), timeout_s
                     )
                     result = (written, 0)
                 except asyncio.CancelledError:
@@ -1029,7 +876,7 @@ class Writer:
                     ):
                         raise
                     result = await asyncio.wait_for(
-                        self._careful_transaction(batch_id, encoded()), timeout_s
+                        self._write_carefully(batch_id, encoded()), timeout_s
                     )
         except asyncio.CancelledError:
             raise
@@ -1042,100 +889,40 @@ class Writer:
             self._batches += 1
         return result
 
+    async def _prune_ledger(self) -> None:
+        self._last_prune = time.monotonic()
+        try:
+            pruned = await prune_ledger(self._engine, self._ledger_retention_s)
+        except Exception as exc:
+            log.warning("ledger prune failed (%s); retried in an hour", self._describe(exc))
+            return
+        if pruned:
+            log.info(
+                "ledger: pruned %d entries older than %.0f s", pruned, self._ledger_retention_s
+            )
+
+    def _describe(self, exc: BaseException) -> str:
+        secret = self._settings.password
+        return describe(
+            exc,
+            secret=secret.get_secret_value() if secret is not None else "",
+            write_timeout_s=self._write_timeout_s,
+        )
+
     def _classify(self, exc: BaseException) -> Failure:
         return classify(exc, user=self._settings.user, database=self._settings.name)
 
-    async def _transaction(
-        self, batch_id: uuid.UUID, rows: int, data: bytes | AsyncIterator[bytes]
-    ) -> bool:
-        async with self._engine.connect() as conn:
-            try:
-                async with conn.begin():
-                    inserted = await conn.execute(
-                        _LEDGER_INSERT, {"batch_id": batch_id, "rows": rows}
-                    )
-                    if inserted.first() is None:
-                        return False
-                    await copy_rows(conn, data)
-                return True
-            except BaseException:
-                # The connection may be broken mid-protocol: never hand it back to the pool.
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
-                raise
-
-    async def _careful_transaction(self, batch_id: uuid.UUID, data: bytes) -> tuple[bool, int]:
-        """The batch in one transaction as COPY statements small enough to fit, each under a
-        savepoint; a statement that times out is halved, one with refused rows bisected down
-        to the rows themselves, which go to the dead-letter file before the commit. Returns
-        (written now, rows refused). Other failures abort the whole transaction."""
-        lines = copy_lines(data)
-        async with self._engine.connect() as conn:
-            try:
-                async with conn.begin():
-                    inserted = await conn.execute(
-                        _LEDGER_INSERT, {"batch_id": batch_id, "rows": len(lines)}
-                    )
-                    if inserted.first() is None:
-                        return False, 0
-                    refused = await self._copy_bisecting(await raw_connection(conn), lines)
-                    if refused:
-                        await self._dead_letter(batch_id, lines, refused)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
-                raise
-        self._refused += len(refused)
-        return True, len(refused)
-
-    async def _copy_bisecting(self, raw: asyncpg.Connection, lines: list[bytes]) -> list[_Refused]:
-        refused: list[_Refused] = []
-        timed_out = False
-        stack = [(0, len(lines))]
-        while stack:
-            low, high = stack.pop()
-            if high - low > self._copy_rows_limit:
-                stack.extend(reversed(_halves(low, high)))
-                continue
-            await raw.execute("SAVEPOINT orderbook_rows")
-            try:
-                await _copy_raw(raw, b"".join(lines[low:high]))
-            except asyncpg.PostgresError as exc:
-                await raw.execute("ROLLBACK TO SAVEPOINT orderbook_rows")
-                failure = self._classify(exc)
-                if failure.kind is FailureClass.ROWS_REFUSED and high - low == 1:
-                    first_line = str(exc).strip().splitlines()
-                    refused.append(
-                        _Refused(low, failure.sqlstate, first_line[0] if first_line else "")
-                    )
-                    continue
-                if failure.kind is FailureClass.TOO_BIG and high - low > 1:
-                    timed_out = True
-                    self._copy_rows_limit = max(1, (high - low) // 2)
-                elif failure.kind is not FailureClass.ROWS_REFUSED:
-                    raise
-                stack.extend(reversed(_halves(low, high)))
-                continue
-            await raw.execute("RELEASE SAVEPOINT orderbook_rows")
-        if timed_out:
-            self._clean_writes = 0
-            log.info(
-                "writer: a COPY timed out (statement or lock timeout); batches are now written "
-                "as COPY statements of at most %d rows",
-                self._copy_rows_limit,
-            )
-        else:
-            self._clean_writes += 1
-            if (
-                self._clean_writes >= _GROW_AFTER_CLEAN_WRITES
-                and self._copy_rows_limit < self._max_batch_rows
-            ):
-                self._clean_writes = 0
-                self._copy_rows_limit = min(self._max_batch_rows, self._copy_rows_limit * 2)
-        return refused
+    async def _write_carefully(self, batch_id: uuid.UUID, data: bytes) -> tuple[bool, int]:
+        refused = await write_batch_carefully(
+            self._engine, batch_id, data, self._sizer, self._classify, self._dead_letter
+        )
+        if refused is None:
+            return False, 0
+        self._refused += refused
+        return True, refused
 
     async def _dead_letter(
-        self, batch_id: uuid.UUID, lines: list[bytes], refused: list[_Refused]
+        self, batch_id: uuid.UUID, lines: list[bytes], refused: list[Refused]
     ) -> None:
         """Keep refused rows on disk (before the batch commits) and say so in one line."""
         letters = [
@@ -1160,73 +947,7 @@ class Writer:
             where,
         )
 
-    async def _prune_ledger(self) -> None:
-        self._last_prune = time.monotonic()
-        try:
-            async with self._engine.begin() as conn:
-                result = await conn.execute(_LEDGER_PRUNE, {"secs": self._ledger_retention_s})
-        except Exception as exc:
-            log.warning("ledger prune failed (%s); retried in an hour", self._describe(exc))
-            return
-        if result.rowcount:
-            log.info(
-                "ledger: pruned %d entries older than %.0f s",
-                result.rowcount,
-                self._ledger_retention_s,
-            )
-
     def _timeout_for(self, rows: int) -> float:
         """The write timeout, stretched for big batches (allowing 10,000 rows/s), so a large
         batch on a slow link is not cut off, retried and cut off again forever."""
         return self._write_timeout_s + rows / 10_000
-
-    def _describe(self, exc: BaseException) -> str:
-        """One line about a failure and what caused it, never containing the password: the
-        server's own error where there is one (not the wrappers around it)."""
-        chain = failure_chain(exc)
-        with_state = [link for link in chain if sqlstate_of(link) is not None]
-        shown: list[BaseException]
-        if isinstance(exc, DatabaseUnavailable):
-            shown = [exc]  # already one readable line: where, as whom, why
-        elif with_state:
-            shown = [with_state[-1]]  # the driver's error, as the server said it
-        else:
-            shown = chain[:3]
-        parts: list[str] = []
-        for link in shown:
-            if isinstance(link, asyncio.TimeoutError):
-                parts.append(f"no answer within the write timeout ({self._write_timeout_s:g} s+)")
-            else:
-                first = str(link).strip().splitlines()
-                name = type(link).__name__
-                parts.append(f"{name}: {first[0]}" if first else name)
-        text = " <- ".join(parts)
-        secret = self._settings.password
-        if secret is not None and secret.get_secret_value():
-            text = text.replace(secret.get_secret_value(), "***")
-        return text[:300]
-
-
-def _halves(low: int, high: int) -> list[tuple[int, int]]:
-    middle = (low + high) // 2
-    return [(low, middle), (middle, high)]
-
-
-async def _chunked(rows: list[QuoteRow]) -> AsyncIterator[bytes]:
-    """COPY text of ``rows`` in pieces, so the server inserts while the rest is encoded.
-
-    Between pieces the event loop gets a turn: a big batch never holds up ``add`` callers
-    (or the collector's websocket) for longer than one piece takes to encode.
-    """
-    for start in range(0, len(rows), _COPY_CHUNK_ROWS):
-        if start:
-            await asyncio.sleep(0)
-        yield encode_copy_text(rows[start : start + _COPY_CHUNK_ROWS])
-
-
-def _fields(stats: WriterStats) -> str:
-    values: dict[str, Any] = stats.as_dict()
-    return " ".join(
-        f"{key}={value:.6f}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in values.items()
-    )

@@ -46,7 +46,8 @@ from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedF
 from orderbook_store.files.importers.detect import detect, expand
 from orderbook_store.files.importers.rows import Checked, Rejected, copy_csv
 from orderbook_store.files.importers.source import Digest, ImportUnit, identity_of, keyed
-from orderbook_store.models import QUOTE_COLUMNS, ImportedFile, OrderbookData
+from orderbook_store.models import ImportedFile
+from orderbook_store.pg.connection import copy_quotes_in, raw_connection
 
 #: Encoded blocks waiting to be sent; with ~4 MB blocks this bounds memory at a few tens of MB.
 PREFETCH_BLOCKS: Final = 2
@@ -298,8 +299,7 @@ async def import_unit(
             if claimed is None:  # another importer committed it meanwhile
                 result.status, result.message = "skipped", "already imported"
                 return result
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
+            raw = await raw_connection(conn)
 
             async def source() -> AsyncIterator[bytes]:
                 async for piece in _pieces(reader, content):
@@ -319,12 +319,7 @@ async def import_unit(
                     if piece.data:
                         yield piece.data
 
-            await raw.copy_to_table(
-                OrderbookData.__tablename__,
-                source=source(),
-                columns=list(QUOTE_COLUMNS),
-                format="csv",
-            )
+            await copy_quotes_in(raw, source(), format="csv")
             content_key = keyed(content.hexdigest(), reader.format, reader.context)
             try:
                 await conn.execute(
