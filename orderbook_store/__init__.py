@@ -19,18 +19,23 @@ from orderbook_store.errors import (
     OrderbookStoreError,
 )
 from orderbook_store.quote import Quote
+from orderbook_store.read.features import with_features
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
-from orderbook_store.sync import connect
+from orderbook_store.sync import OrderbookStore, connect
+from orderbook_store.write.stats import WriterStats
 
 __all__ = [
     "ConfigError",
     "DatabaseUnavailable",
     "InvalidQuote",
     "OrderbookRepository",
+    "OrderbookStore",
     "OrderbookStoreError",
     "Quote",
     "Settings",
+    "WriterStats",
     "connect",
     "create_engine",
+    "with_features",
 ]

@@ -7,12 +7,11 @@ callers only ever see the plain method names here.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import itertools
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,18 +21,19 @@ from orderbook_store.models import OrderbookData
 from orderbook_store.pg.connection import copy_quotes_in
 from orderbook_store.pg.copy_in import encode_copy_text
 from orderbook_store.quote import Quote, to_row
-from orderbook_store.read.reader import Frame, Output, Reader, TimeLike
+from orderbook_store.read.api import AsyncReads
+from orderbook_store.read.reader import Reader
 from orderbook_store.settings import Settings
 from orderbook_store.write.writer import Writer, WriterStats
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 #: Rows per COPY data chunk in ``insert_many``: big enough to amortise, small enough to stream.
 _INSERT_CHUNK_ROWS = 10_000
 
 
-class OrderbookRepository:
+class OrderbookRepository(AsyncReads):
     """Async access to quotes: buffered writes for collectors, bulk writes, range reads.
 
     Use as ``async with OrderbookRepository(engine) as repo: ...``; leaving the block flushes
@@ -212,170 +212,5 @@ class OrderbookRepository:
             reader = self._reader = Reader(self._read_engine or self.engine)
         return reader
 
-    @overload
-    async def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
-
-    @overload
-    async def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output,
-        exact: bool = False,
-    ) -> Frame: ...
-
-    async def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """Quotes of ``symbols`` in ``[start, end)`` as pandas/polars/Arrow/numpy; see
-        ``Reader.quotes`` (float64 prices, or ``Decimal`` with ``exact=True``)."""
-        return await self._read_path.quotes(
-            symbols, start, end, exchange=exchange, columns=columns, output=output, exact=exact
-        )
-
-    def iter_quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        chunk_rows: int = 1_000_000,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> AsyncIterator[Frame]:
-        """``quotes()`` in frames of at most ``chunk_rows`` rows, memory flat; see
-        ``Reader.iter_quotes``."""
-        return self._read_path.iter_quotes(
-            symbols,
-            start,
-            end,
-            chunk_rows=chunk_rows,
-            exchange=exchange,
-            columns=columns,
-            output=output,
-            exact=exact,
-        )
-
-    @overload
-    async def latest(
-        self,
-        symbols: str | Iterable[str] | None = None,
-        *,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
-
-    @overload
-    async def latest(
-        self, symbols: str | Iterable[str] | None = None, *, output: Output, exact: bool = False
-    ) -> Frame: ...
-
-    async def latest(
-        self,
-        symbols: str | Iterable[str] | None = None,
-        *,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """The last quote of each symbol (all symbols when None); see ``Reader.latest``."""
-        return await self._read_path.latest(symbols, output=output, exact=exact)
-
-    @overload
-    async def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
-
-    @overload
-    async def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Output,
-        exact: bool = False,
-    ) -> Frame: ...
-
-    async def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """The quote in force at each of ``times``; see ``Reader.asof``."""
-        return await self._read_path.asof(
-            symbol, times, exchange=exchange, output=output, exact=exact
-        )
-
-    @overload
-    async def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Literal["pandas"] = "pandas",
-    ) -> pd.DataFrame: ...
-
-    @overload
-    async def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Output,
-    ) -> Frame: ...
-
-    async def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Output = "pandas",
-    ) -> Frame:
-        """Per-bucket OHLC of the mid, last bid/ask, mean spread, count; see
-        ``Reader.resample``."""
-        return await self._read_path.resample(
-            symbol, start, end, freq, exchange=exchange, output=output
-        )
+    def _reads(self) -> Reader:
+        return self._read_path

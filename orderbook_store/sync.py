@@ -13,20 +13,18 @@ library call would.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orderbook_store.engine import create_engine
-from orderbook_store.read.reader import Frame, Output, TimeLike
+from orderbook_store.read.sync_api import SyncReads
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
 if TYPE_CHECKING:
-    import pandas as pd
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from orderbook_store.quote import Quote
@@ -36,7 +34,7 @@ __all__ = ["OrderbookStore", "connect"]
 T = TypeVar("T")
 
 
-class OrderbookStore:
+class OrderbookStore(SyncReads):
     """Synchronous ``OrderbookRepository``: the same read methods, plus bulk writes and count.
 
     Made by ``orderbook_store.connect()``. Close it (or use ``with``) to release the pool and
@@ -67,83 +65,18 @@ class OrderbookStore:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
 
-    # -- reads ---------------------------------------------------------------------------
+    # -- reads (read.sync_api: the repository's read methods, synchronous) ---------------
 
-    @overload
-    def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
+    def _async_reads(self) -> OrderbookRepository:
+        return self._repo
 
-    @overload
-    def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output,
-        exact: bool = False,
-    ) -> Frame: ...
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._run(coro)
 
-    def quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """``OrderbookRepository.quotes``, synchronously."""
-        return self._run(
-            self._repo.quotes(
-                symbols,
-                start,
-                end,
-                exchange=exchange,
-                columns=columns,
-                output=output,
-                exact=exact,
-            )
-        )
+    def _iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
+        """``stream`` as a plain iterator, one item fetched on the store's loop per step."""
 
-    def iter_quotes(
-        self,
-        symbols: str | Iterable[str],
-        start: TimeLike,
-        end: TimeLike,
-        *,
-        chunk_rows: int = 1_000_000,
-        exchange: str | None = None,
-        columns: Sequence[str] | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Iterator[Frame]:
-        """``OrderbookRepository.iter_quotes`` as a plain iterator (memory flat likewise)."""
-        stream: AsyncIterator[Frame] = self._repo.iter_quotes(
-            symbols,
-            start,
-            end,
-            chunk_rows=chunk_rows,
-            exchange=exchange,
-            columns=columns,
-            output=output,
-            exact=exact,
-        )
-
-        async def step() -> tuple[bool, Frame | None]:
+        async def step() -> tuple[bool, T | None]:
             try:
                 return True, await stream.__anext__()
             except StopAsyncIteration:
@@ -154,114 +87,15 @@ class OrderbookStore:
 
         try:
             while True:
-                more, frame = self._run(step())
+                more, item = self._run(step())
                 if not more:
                     return
-                yield frame
+                yield item  # type: ignore[misc]
         finally:
             if not self._closed:
                 self._run(close())
 
-    @overload
-    def latest(
-        self,
-        symbols: str | Iterable[str] | None = None,
-        *,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
-
-    @overload
-    def latest(
-        self, symbols: str | Iterable[str] | None = None, *, output: Output, exact: bool = False
-    ) -> Frame: ...
-
-    def latest(
-        self,
-        symbols: str | Iterable[str] | None = None,
-        *,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """``OrderbookRepository.latest``, synchronously."""
-        return self._run(self._repo.latest(symbols, output=output, exact=exact))
-
-    @overload
-    def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Literal["pandas"] = "pandas",
-        exact: bool = False,
-    ) -> pd.DataFrame: ...
-
-    @overload
-    def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Output,
-        exact: bool = False,
-    ) -> Frame: ...
-
-    def asof(
-        self,
-        symbol: str,
-        times: Iterable[TimeLike] | TimeLike,
-        *,
-        exchange: str | None = None,
-        output: Output = "pandas",
-        exact: bool = False,
-    ) -> Frame:
-        """``OrderbookRepository.asof``, synchronously."""
-        return self._run(
-            self._repo.asof(symbol, times, exchange=exchange, output=output, exact=exact)
-        )
-
-    @overload
-    def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Literal["pandas"] = "pandas",
-    ) -> pd.DataFrame: ...
-
-    @overload
-    def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Output,
-    ) -> Frame: ...
-
-    def resample(
-        self,
-        symbol: str,
-        start: TimeLike,
-        end: TimeLike,
-        freq: str | dt.timedelta | int = "1min",
-        *,
-        exchange: str | None = None,
-        output: Output = "pandas",
-    ) -> Frame:
-        """``OrderbookRepository.resample``, synchronously."""
-        return self._run(
-            self._repo.resample(symbol, start, end, freq, exchange=exchange, output=output)
-        )
-
-    # -- writes and housekeeping ---------------------------------------------------------
+    # -- writes and counts ---------------------------------------------------------------
 
     def insert_many(self, rows: Iterable[Quote | Mapping[str, object]]) -> int:
         """``OrderbookRepository.insert_many``, synchronously: rows written."""
