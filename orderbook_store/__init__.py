@@ -15,8 +15,13 @@ from orderbook_store.engine import create_engine
 from orderbook_store.errors import (
     ConfigError,
     DatabaseUnavailable,
+    InvalidArgument,
     InvalidQuote,
     OrderbookStoreError,
+    RowsLost,
+    WriterBackpressure,
+    WriterClosed,
+    WritesBlocked,
 )
 from orderbook_store.quote import Quote
 from orderbook_store.read.features import with_features
@@ -28,13 +33,18 @@ from orderbook_store.write.stats import WriterStats
 __all__ = [
     "ConfigError",
     "DatabaseUnavailable",
+    "InvalidArgument",
     "InvalidQuote",
     "OrderbookRepository",
     "OrderbookStore",
     "OrderbookStoreError",
     "Quote",
+    "RowsLost",
     "Settings",
+    "WriterBackpressure",
+    "WriterClosed",
     "WriterStats",
+    "WritesBlocked",
     "connect",
     "create_engine",
     "with_features",

@@ -26,6 +26,11 @@ class DatabaseUnavailable(OrderbookStoreError, ConnectionError):
     origin: BaseException | None = None
 
 
+class InvalidArgument(OrderbookStoreError, ValueError):
+    """An argument of a read or an operation cannot work: a time that is not a time, an unknown
+    output or column, a frequency that is not a duration. Names the argument and the value."""
+
+
 class InvalidQuote(OrderbookStoreError, ValueError):
     """One incoming quote broke a rule. Names the field and the offending value.
 

@@ -48,6 +48,7 @@ from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.quote import QuoteRow, to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
+from orderbook_store.times import day_of
 from orderbook_store.write.failures import FailureClass, classify
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ class FileStorage:
 
     def _writer_for(self, row: QuoteRow) -> CsvWriter:
         exchange, symbol, local_timestamp = row[0], row[1], row[3]
-        day = dt.datetime.fromtimestamp(local_timestamp // 1_000_000, tz=dt.timezone.utc).date()
+        day = day_of(local_timestamp)
         day_name = day.isoformat()
         key = (exchange, symbol)
         current = self._open.get(key)

@@ -37,6 +37,7 @@ from orderbook_store.files.importers import (
 )
 from orderbook_store.files.importers.verify import VerifySummary, verify_paths
 from orderbook_store.settings import Settings
+from orderbook_store.times import iso_us
 
 Paths = Annotated[
     list[Path],
@@ -54,17 +55,13 @@ def parse_time_us(value: str) -> int:
     text = value.strip()
     if text.isdigit():
         return int(text)
-    try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    parsed = iso_us(text)
+    if parsed is None:
         raise ConfigError(
             f"time {value!r}: expected an ISO date or time such as 2024-01-01 or "
             "2024-01-01T12:00:00Z, or integer microseconds since the epoch"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        )
+    return parsed
 
 
 def _iso(timestamp_us: int | None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -20,9 +19,9 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_engine
-from orderbook_store.errors import ConfigError
 from orderbook_store.ops import partitions
 from orderbook_store.settings import Settings
+from orderbook_store.times import parse_age
 
 app = typer.Typer(
     help="Manage orderbook_data's date partitions: ensure, list, prune.",
@@ -33,25 +32,7 @@ app = typer.Typer(
 
 T = TypeVar("T")
 
-_AGE = re.compile(r"^\s*(\d+)\s*([dwh])\s*$")
-_AGE_UNITS = {"d": "days", "w": "weeks", "h": "hours"}
 _ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
-
-
-def parse_age(value: str) -> dt.timedelta:
-    """``90d``, ``12w`` or ``36h`` as a ``timedelta``; ``ConfigError`` otherwise."""
-    match = _AGE.match(value)
-    if match is None:
-        raise ConfigError(f"--older-than={value!r}: write an age like 90d, 12w or 36h")
-    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
-
-
-def parse_day(value: str) -> dt.date:
-    """``YYYY-MM-DD`` as a date; ``ConfigError`` otherwise."""
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"--since={value!r}: write a date like 2024-01-31") from None
 
 
 def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
@@ -171,7 +152,7 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
 ) -> None:
     """Drop partitions wholly older than --older-than, archiving them to Parquet first."""
-    age = parse_age(older_than)
+    age = parse_age(older_than, "--older-than")
     if dry_run:
         for part in _run(lambda engine: partitions.prunable(engine, age)):
             typer.echo(f"would drop {part.name} ({_day(part.start)} .. {_day(part.end)})")

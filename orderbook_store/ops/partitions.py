@@ -35,6 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.models import OrderbookData
 from orderbook_store.pg.connection import raw_connection
+from orderbook_store.times import EPOCH_DATE, US_PER_DAY, day_of, from_us
+from orderbook_store.times import day_start_us as to_us
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = get_args(Period)
@@ -45,8 +47,6 @@ DEFAULT_PARTITION = f"{TABLE}_default"
 #: Key of the advisory lock every maintenance run holds for its transaction.
 ADVISORY_LOCK_KEY = 0x0B5_9A27  # "orderbook_store partitions"
 
-US_PER_DAY = 86_400_000_000
-EPOCH = dt.date(1970, 1, 1)
 
 #: Every column, in table order (what a move or an export carries).
 COLUMNS: tuple[str, ...] = tuple(c.name for c in OrderbookData.__table__.columns)
@@ -136,21 +136,6 @@ class PruneResult:
 
 
 # -- time arithmetic --------------------------------------------------------------------------
-
-
-def to_us(day: dt.date) -> int:
-    """Microseconds since the epoch at 00:00 UTC of ``day``."""
-    return (day - EPOCH).days * US_PER_DAY
-
-
-def from_us(timestamp_us: int) -> dt.datetime:
-    """An aware UTC datetime for µs since the epoch."""
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=timestamp_us)
-
-
-def day_of(timestamp_us: int) -> dt.date:
-    """The UTC date a µs timestamp falls on."""
-    return EPOCH + dt.timedelta(days=timestamp_us // US_PER_DAY)
 
 
 def period_start(day: dt.date, period: Period) -> dt.date:
@@ -279,7 +264,7 @@ async def _default_days(conn: AsyncConnection) -> list[dt.date]:
             f"FROM ONLY {DEFAULT_PARTITION}"
         )
     )
-    return [EPOCH + dt.timedelta(days=int(days)) for (days,) in result]
+    return [EPOCH_DATE + dt.timedelta(days=int(days)) for (days,) in result]
 
 
 async def _has_default(conn: AsyncConnection) -> bool:

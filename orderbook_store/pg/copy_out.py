@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
+from orderbook_store.errors import OrderbookStoreError
+
 __all__ = [
     "PREFIX",
     "ColumnKind",
@@ -88,7 +90,7 @@ DecodedColumn = (
 )
 
 
-class CopyFormatError(ValueError):
+class CopyFormatError(OrderbookStoreError, ValueError):
     """The bytes are not the text COPY output this decoder was told to expect."""
 
 

@@ -140,7 +140,7 @@ from typing_extensions import overload  # registered for get_overloads on every 
 import numpy.typing as npt
 
 from orderbook_store.read.plan import Frame, Output
-from orderbook_store.read.times import TimeLike
+from orderbook_store.times import TimeLike
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -178,7 +178,7 @@ from typing_extensions import overload  # registered for get_overloads on every 
 
 from orderbook_store.read.api import NumpyColumns
 from orderbook_store.read.plan import Frame, Output
-from orderbook_store.read.times import TimeLike
+from orderbook_store.times import TimeLike
 
 if TYPE_CHECKING:
     import pandas as pd

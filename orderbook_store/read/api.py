@@ -18,7 +18,7 @@ import numpy.typing as npt
 from typing_extensions import overload  # registered for get_overloads on every Python
 
 from orderbook_store.read.plan import Frame, Output
-from orderbook_store.read.times import TimeLike
+from orderbook_store.times import TimeLike
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 
+from orderbook_store.errors import InvalidArgument
 from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
 from orderbook_store.pg.copy_out import ColumnKind
-from orderbook_store.read.times import to_epoch_us
+from orderbook_store.times import to_epoch_us
 
 if TYPE_CHECKING:
     pass
@@ -135,13 +136,13 @@ def _kind(column: str) -> ColumnKind:
 
 def _check_symbol(symbol: object) -> str:
     if not isinstance(symbol, str) or not symbol:
-        raise ValueError(f"symbol={symbol!r} must be a non-empty string")
+        raise InvalidArgument(f"symbol={symbol!r} must be a non-empty string")
     if "\x00" in symbol:
-        raise ValueError(f"symbol={symbol!r} contains NUL, which PostgreSQL text cannot hold")
+        raise InvalidArgument(f"symbol={symbol!r} contains NUL, which PostgreSQL text cannot hold")
     try:
         symbol.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"symbol={symbol!r} is not valid Unicode text") from None
+        raise InvalidArgument(f"symbol={symbol!r} is not valid Unicode text") from None
     return symbol
 
 
@@ -151,16 +152,16 @@ def _symbol_list(symbols: str | Iterable[str] | None) -> list[str]:
     if isinstance(symbols, str):
         return [_check_symbol(symbols)]
     if not isinstance(symbols, Iterable):
-        raise ValueError(f"symbols={symbols!r} must be a string or a list of strings")
+        raise InvalidArgument(f"symbols={symbols!r} must be a string or a list of strings")
     checked = [_check_symbol(s) for s in symbols]
     if not checked:
-        raise ValueError("symbols=[] names no symbol")
+        raise InvalidArgument("symbols=[] names no symbol")
     return checked
 
 
 def _check_output(output: object) -> Output:
     if output not in OUTPUT_FORMATS:
-        raise ValueError(f"output={output!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+        raise InvalidArgument(f"output={output!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     return output  # type: ignore[return-value]
 
 
@@ -168,7 +169,7 @@ def _check_exchange(exchange: object) -> str | None:
     if exchange is None:
         return None
     if not isinstance(exchange, str) or not exchange or "\x00" in exchange:
-        raise ValueError(f"exchange={exchange!r} must be a non-empty string without NUL")
+        raise InvalidArgument(f"exchange={exchange!r} must be a non-empty string without NUL")
     return exchange
 
 
@@ -180,9 +181,9 @@ def _check_columns(columns: Sequence[str] | None) -> tuple[str, ...]:
     chosen = tuple(columns)
     for column in chosen:
         if column not in READ_COLUMNS:
-            raise ValueError(f"columns: {column!r} is not one of {', '.join(READ_COLUMNS)}")
+            raise InvalidArgument(f"columns: {column!r} is not one of {', '.join(READ_COLUMNS)}")
     if not chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(f"columns={list(chosen)!r} must name each column once")
+        raise InvalidArgument(f"columns={list(chosen)!r} must name each column once")
     return chosen
 
 
@@ -198,12 +199,12 @@ def plan_quotes(
 ) -> _Plan:
     """Validate a range read's arguments (``ValueError`` naming the bad value)."""
     if symbols is None:
-        raise ValueError("symbol=None: name one symbol or a list of them")
+        raise InvalidArgument("symbol=None: name one symbol or a list of them")
     names = _symbol_list(symbols)
     start_us = to_epoch_us(start, "start")
     end_us = to_epoch_us(end, "end")
     if start_us >= end_us:
-        raise ValueError(f"start={start!r} must be before end={end!r}")
+        raise InvalidArgument(f"start={start!r} must be before end={end!r}")
     checked_output = _check_output(output)
     checked_exchange = _check_exchange(exchange)
     # Unique, in code-point order (the output order); names too long for VARCHAR(20) match

@@ -49,6 +49,7 @@ from orderbook_store.pg.copy_out import DecodedColumn, TextCopyDecoder
 if TYPE_CHECKING:
     import asyncpg
 
+from orderbook_store.errors import InvalidArgument
 from orderbook_store.pg.connection import raw_connection
 from orderbook_store.read.columns import (
     _Block,
@@ -82,7 +83,7 @@ from orderbook_store.read.sql import (
     RESAMPLE_COLUMNS,
     RESAMPLE_SQL,
 )
-from orderbook_store.read.times import TimeLike, parse_freq_us, to_epoch_us
+from orderbook_store.times import TimeLike, parse_freq_us, to_epoch_us
 
 _SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
 
@@ -301,7 +302,7 @@ class Reader:
         re-sorted after it was handed out). Nothing is yielded for an unknown symbol.
         """
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows!r} must be a positive integer")
+            raise InvalidArgument(f"chunk_rows={chunk_rows!r} must be a positive integer")
         plan = plan_quotes(
             symbols,
             start,
@@ -502,7 +503,7 @@ class Reader:
         start_us = to_epoch_us(start, "start")
         end_us = to_epoch_us(end, "end")
         if start_us >= end_us:
-            raise ValueError(f"start={start!r} must be before end={end!r}")
+            raise InvalidArgument(f"start={start!r} must be before end={end!r}")
         async with self.engine.connect() as conn:
             raw = await raw_connection(conn)
             async with raw.transaction(isolation="repeatable_read", readonly=True):

@@ -13,7 +13,7 @@ from typing_extensions import overload  # registered for get_overloads on every 
 
 from orderbook_store.read.api import NumpyColumns
 from orderbook_store.read.plan import Frame, Output
-from orderbook_store.read.times import TimeLike
+from orderbook_store.times import TimeLike
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,4 +1,7 @@
-"""Times and frequencies as the read API takes them, in integer microseconds since the epoch.
+"""Times, days, ages and frequencies, in integer microseconds since the Unix epoch (UTC).
+
+The one place text and objects become times: the read API's ``start``/``end``, the command
+line's ``--start``/``--since``/``--older-than``, partition bounds and day names.
 
 ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as UTC),
 ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and ``int``
@@ -14,6 +17,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+
+from orderbook_store.errors import ConfigError, InvalidArgument
 
 if TYPE_CHECKING:
     pass
@@ -31,7 +36,7 @@ def to_epoch_us(value: object, name: str = "time") -> int:
     Naive ``datetime``/ISO strings/``numpy.datetime64`` are UTC. Sub-microsecond parts round up.
     """
     if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not a time")
+        raise InvalidArgument(f"{name}={value!r} is not a time")
     if isinstance(value, int | np.integer):
         micros = int(value)
     elif isinstance(value, np.datetime64):
@@ -43,9 +48,9 @@ def to_epoch_us(value: object, name: str = "time") -> int:
     elif isinstance(value, str):
         micros = _parse_time_text(value, name)
     else:
-        raise ValueError(f"{name}={value!r} is not a time (datetime, ISO string, int µs, ...)")
+        raise InvalidArgument(f"{name}={value!r} is not a time (datetime, ISO string, int µs, ...)")
     if not _INT8_MIN <= micros <= _INT8_MAX:
-        raise ValueError(f"{name}={value!r} is out of range")
+        raise InvalidArgument(f"{name}={value!r} is out of range")
     return micros
 
 
@@ -58,20 +63,26 @@ def _datetime_us(value: dt.datetime) -> int:
 
 def _datetime64_us(value: np.datetime64, name: str) -> int:
     if np.isnat(value):
-        raise ValueError(f"{name}={value!r} is not a time (NaT)")
+        raise InvalidArgument(f"{name}={value!r} is not a time (NaT)")
     floor = value.astype("datetime64[us]")
     micros = int(floor.astype(np.int64))
     return micros + 1 if floor < value else micros
 
 
+def iso_us(text: str) -> int | None:
+    """An ISO 8601 date or time (``Z`` or an offset; UTC when none) in µs, else None."""
+    try:
+        parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return _datetime_us(parsed)
+
+
 def _parse_time_text(text: str, name: str) -> int:
     stripped = text.strip()
-    try:
-        parsed = dt.datetime.fromisoformat(stripped.replace("Z", "+00:00"))
-    except ValueError:
-        parsed = None
+    parsed = iso_us(stripped)
     if parsed is not None:
-        return _datetime_us(parsed)
+        return parsed
     try:
         import pandas as pd
 
@@ -79,7 +90,7 @@ def _parse_time_text(text: str, name: str) -> int:
     except (ImportError, ValueError, TypeError, OverflowError):
         stamp = None
     if not isinstance(stamp, dt.datetime) or str(stamp) == "NaT":
-        raise ValueError(f"{name}={text!r} is not a time (expected ISO 8601)") from None
+        raise InvalidArgument(f"{name}={text!r} is not a time (expected ISO 8601)") from None
     return _datetime_us(stamp)
 
 
@@ -100,7 +111,7 @@ _FREQ_RE = re.compile(r"^\s*(\d+)?\s*([a-zA-Z]+)\s*$")
 def parse_freq_us(freq: object) -> int:
     """A bucket width in microseconds from ``"1s"``, ``"5min"``, ``"1h"``, a timedelta or int µs."""
     if isinstance(freq, bool):
-        raise ValueError(f"freq={freq!r} is not a duration")
+        raise InvalidArgument(f"freq={freq!r} is not a duration")
     if isinstance(freq, int | np.integer):
         width = int(freq)
     elif isinstance(freq, dt.timedelta):
@@ -111,10 +122,49 @@ def parse_freq_us(freq: object) -> int:
         match = _FREQ_RE.match(freq)
         unit = _FREQ_UNITS_US.get(match.group(2).lower()) if match else None
         if match is None or unit is None:
-            raise ValueError(f"freq={freq!r} is not a duration like '1s', '5min', '1h'")
+            raise InvalidArgument(f"freq={freq!r} is not a duration like '1s', '5min', '1h'")
         width = int(match.group(1) or 1) * unit
     else:
-        raise ValueError(f"freq={freq!r} is not a duration")
+        raise InvalidArgument(f"freq={freq!r} is not a duration")
     if width <= 0:
-        raise ValueError(f"freq={freq!r} must be positive")
+        raise InvalidArgument(f"freq={freq!r} must be positive")
     return width
+
+
+# -- days and ages ---------------------------------------------------------------------------
+
+US_PER_DAY = 86_400_000_000
+EPOCH_DATE = dt.date(1970, 1, 1)
+_AGE = re.compile(r"^\s*(\d+)\s*([dwh])\s*$")
+_AGE_UNITS = {"d": "days", "w": "weeks", "h": "hours"}
+
+
+def day_start_us(day: dt.date) -> int:
+    """Microseconds since the epoch at 00:00 UTC of ``day``."""
+    return (day - EPOCH_DATE).days * US_PER_DAY
+
+
+def from_us(timestamp_us: int) -> dt.datetime:
+    """An aware UTC datetime for µs since the epoch."""
+    return _EPOCH + dt.timedelta(microseconds=timestamp_us)
+
+
+def day_of(timestamp_us: int) -> dt.date:
+    """The UTC date a µs timestamp falls on."""
+    return EPOCH_DATE + dt.timedelta(days=timestamp_us // US_PER_DAY)
+
+
+def parse_day(value: str, option: str) -> dt.date:
+    """``YYYY-MM-DD`` as a date; ``ConfigError`` naming ``option`` otherwise."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{option}={value!r}: write a date like 2024-01-31") from None
+
+
+def parse_age(value: str, option: str) -> dt.timedelta:
+    """``90d``, ``12w`` or ``36h`` as a ``timedelta``; ``ConfigError`` naming ``option`` else."""
+    match = _AGE.match(value)
+    if match is None:
+        raise ConfigError(f"{option}={value!r}: write an age like 90d, 12w or 36h")
+    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
