@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -79,20 +81,60 @@ class OrderbookData(Base):
     )
 
 
-#: The columns a quote carries, in table order: what writers send and readers return.
-QUOTE_COLUMNS: tuple[str, ...] = (
-    "exchange",
-    "symbol",
-    "timestamp",
-    "local_timestamp",
-    "ask_amount",
-    "ask_price",
-    "bid_price",
-    "bid_amount",
+_QUOTES = OrderbookData.__table__.columns
+
+#: The columns a quote carries, in table order: what writers send and readers return (every
+#: column but the ones the server fills, ``id`` and ``created_at``).
+QUOTE_COLUMNS: tuple[str, ...] = tuple(
+    c.name for c in _QUOTES if c.name not in ("id", "created_at")
 )
 
 #: Columns holding DECIMAL(20,8) values.
-DECIMAL_COLUMNS: tuple[str, ...] = ("ask_amount", "ask_price", "bid_price", "bid_amount")
+DECIMAL_COLUMNS: tuple[str, ...] = tuple(c.name for c in _QUOTES if isinstance(c.type, Numeric))
+
+#: The most characters ``symbol`` and ``exchange`` hold (VARCHAR(20) and VARCHAR(50)).
+SYMBOL_MAX_CHARS: int = _QUOTES["symbol"].type.length  # type: ignore[attr-defined]
+EXCHANGE_MAX_CHARS: int = _QUOTES["exchange"].type.length  # type: ignore[attr-defined]
+
+#: DECIMAL(precision, scale) of the four decimals: 12 integer digits and 8 fractional ones.
+DECIMAL_PRECISION: int = PRICE.precision  # type: ignore[assignment]
+DECIMAL_SCALE: int = PRICE.scale  # type: ignore[assignment]
+
+
+def arrow_schema(
+    columns: Sequence[str] = QUOTE_COLUMNS,
+    *,
+    times_as_timestamps: bool = False,
+    decimals_as_text: bool = False,
+) -> Any:
+    """The ``pyarrow.Schema`` of ``columns``, derived from the table: the one place an Arrow or
+    Parquet type is chosen for a column.
+
+    Integers are int64 and text is string; ``timestamp`` and ``local_timestamp`` are int64
+    microseconds, or ``timestamp[us, UTC]`` with ``times_as_timestamps``; decimals are exact
+    ``decimal128(20, 8)``, or their text with ``decimals_as_text``; ``created_at`` (the server's
+    naive local time) is ``timestamp[us]``.
+    """
+    import pyarrow as pa
+
+    fields = []
+    for name in columns:
+        column = _QUOTES[name]
+        kind: Any
+        if isinstance(column.type, Numeric):
+            kind = (
+                pa.string() if decimals_as_text else pa.decimal128(DECIMAL_PRECISION, DECIMAL_SCALE)
+            )
+        elif isinstance(column.type, String):
+            kind = pa.string()
+        elif isinstance(column.type, DateTime):
+            kind = pa.timestamp("us")
+        elif name in ("timestamp", "local_timestamp") and times_as_timestamps:
+            kind = pa.timestamp("us", tz="UTC")
+        else:
+            kind = pa.int64()
+        fields.append((name, kind))
+    return pa.schema(fields)
 
 
 class WriteBatch(Base):

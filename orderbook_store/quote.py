@@ -53,7 +53,13 @@ from typing import TYPE_CHECKING, Final, SupportsIndex, TypeAlias, cast
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
 
 from orderbook_store.errors import InvalidQuote
-from orderbook_store.models import QUOTE_COLUMNS
+from orderbook_store.models import (
+    DECIMAL_PRECISION,
+    DECIMAL_SCALE,
+    EXCHANGE_MAX_CHARS,
+    QUOTE_COLUMNS,
+    SYMBOL_MAX_CHARS,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -84,12 +90,12 @@ MAX_TIMESTAMP_US: Final = 4_102_444_800_000_000
 _MIN_S: Final = MIN_TIMESTAMP_US // 1_000_000
 _MAX_S: Final = MAX_TIMESTAMP_US // 1_000_000
 
-_SYMBOL_MAX: Final = 20
-_EXCHANGE_MAX: Final = 50
+_SYMBOL_MAX: Final = SYMBOL_MAX_CHARS
+_EXCHANGE_MAX: Final = EXCHANGE_MAX_CHARS
 #: DECIMAL(20,8): 20 digits, 8 of them after the point, so the integer part is below 10**12.
-_INTEGER_LIMIT: Final = 10**12
-_INTEGER_DIGITS: Final = 12
-_SCALE: Final = 8
+_INTEGER_DIGITS: Final = DECIMAL_PRECISION - DECIMAL_SCALE
+_INTEGER_LIMIT: Final = 10**_INTEGER_DIGITS
+_SCALE: Final = DECIMAL_SCALE
 _ONE_SCALED: Final = Decimal(1).scaleb(-_SCALE)
 
 #: A plain decimal string that certainly fits DECIMAL(20,8) and needs no rewriting. Anything

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError
-from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
+from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
 
 #: Rows fetched per query: one hour of one symbol.
@@ -53,12 +53,8 @@ _DECIMAL = pa.decimal128(20, 8)
 _PART = re.compile(r"part-([0-9]+)-([0-9]+)\.parquet")
 
 #: The schema of every exported file (partition columns live in the path).
-PARQUET_SCHEMA: Final = pa.schema(
-    [
-        ("timestamp", _TIME),
-        ("local_timestamp", _TIME),
-        *((name, _DECIMAL) for name in DECIMAL_COLUMNS),
-    ]
+PARQUET_SCHEMA: Final = arrow_schema(
+    ("timestamp", "local_timestamp", *DECIMAL_COLUMNS), times_as_timestamps=True
 )
 
 _CSV_NAMES: Final = ["exchange", "timestamp", "local_timestamp", *DECIMAL_COLUMNS]

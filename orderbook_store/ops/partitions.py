@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
-from orderbook_store.models import OrderbookData
+from orderbook_store.models import QUOTE_COLUMNS, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
 from orderbook_store.times import EPOCH_DATE, US_PER_DAY, day_of, from_us
 from orderbook_store.times import day_start_us as to_us
@@ -534,24 +534,8 @@ async def _reattach(engine: AsyncEngine, part: PartitionInfo, cause: BaseExcepti
 
 
 def _arrow_schema() -> Any:
-    """The Parquet schema of an archive: the table's columns and types, decimals exact."""
-    import pyarrow as pa
-
-    price = pa.decimal128(20, 8)
-    return pa.schema(
-        [
-            ("id", pa.int64()),
-            ("exchange", pa.string()),
-            ("symbol", pa.string()),
-            ("timestamp", pa.int64()),
-            ("local_timestamp", pa.int64()),
-            ("ask_amount", price),
-            ("ask_price", price),
-            ("bid_price", price),
-            ("bid_amount", price),
-            ("created_at", pa.timestamp("us")),
-        ]
-    )
+    """The Parquet schema of an archive: every column of the table, decimals exact."""
+    return arrow_schema(("id", *QUOTE_COLUMNS, "created_at"))
 
 
 async def _archive(engine: AsyncEngine, part: PartitionInfo, archive_dir: Path, rows: int) -> Path:

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 import numpy as np
 
 from orderbook_store.errors import InvalidArgument
-from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
+from orderbook_store.models import (
+    DECIMAL_COLUMNS,
+    EXCHANGE_MAX_CHARS,
+    QUOTE_COLUMNS,
+    SYMBOL_MAX_CHARS,
+)
 from orderbook_store.pg.copy_out import ColumnKind
 from orderbook_store.times import to_epoch_us
 
@@ -33,8 +38,6 @@ Frame: TypeAlias = object
 _TIME_COLUMNS = frozenset({"timestamp", "local_timestamp", "time", "bucket"})
 _TEXT_COLUMNS = frozenset({"exchange", "symbol"})
 _INT_COLUMNS = frozenset({"id", "quotes"})
-_SYMBOL_MAX_CHARS = 20  # VARCHAR(20): a longer symbol cannot be stored, so matches nothing
-_EXCHANGE_MAX_CHARS = 50
 _NAT = np.iinfo(np.int64).min  # numpy's NaT, as int64: a missing time
 
 # The statement that binds this read's values; COPY below reads them back. The planner knobs
@@ -209,8 +212,8 @@ def plan_quotes(
     checked_exchange = _check_exchange(exchange)
     # Unique, in code-point order (the output order); names too long for VARCHAR(20) match
     # nothing, so they are never sent.
-    ordered = tuple(s for s in sorted(set(names)) if len(s) <= _SYMBOL_MAX_CHARS)
-    if checked_exchange is not None and len(checked_exchange) > _EXCHANGE_MAX_CHARS:
+    ordered = tuple(s for s in sorted(set(names)) if len(s) <= SYMBOL_MAX_CHARS)
+    if checked_exchange is not None and len(checked_exchange) > EXCHANGE_MAX_CHARS:
         ordered = ()
     return _Plan(
         ordered,

@@ -25,7 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from orderbook_store.errors import InvalidQuote
-from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS
+from orderbook_store.models import (
+    DECIMAL_COLUMNS,
+    EXCHANGE_MAX_CHARS,
+    QUOTE_COLUMNS,
+    SYMBOL_MAX_CHARS,
+    arrow_schema,
+)
 from orderbook_store.quote import (
     DEFAULT_EXCHANGE,
     MAX_TIMESTAMP_US,
@@ -35,24 +41,13 @@ from orderbook_store.quote import (
 )
 
 #: The Arrow schema of validated rows: the table's columns, timestamps in microseconds.
-ROW_SCHEMA: Final = pa.schema(
-    [
-        ("exchange", pa.string()),
-        ("symbol", pa.string()),
-        ("timestamp", pa.int64()),
-        ("local_timestamp", pa.int64()),
-        ("ask_amount", pa.string()),
-        ("ask_price", pa.string()),
-        ("bid_price", pa.string()),
-        ("bid_amount", pa.string()),
-    ]
-)
+ROW_SCHEMA: Final = arrow_schema(QUOTE_COLUMNS, decimals_as_text=True)
 assert tuple(ROW_SCHEMA.names) == QUOTE_COLUMNS
 
 _PLAIN_DECIMAL: Final = r"^[0-9]{1,12}(\.[0-9]{1,8})?$"
 _DIGITS: Final = r"^[0-9]{1,18}$"
 _PRICES: Final = frozenset({"ask_price", "bid_price"})
-_LIMITS: Final = {"exchange": 50, "symbol": 20}
+_LIMITS: Final = {"exchange": EXCHANGE_MAX_CHARS, "symbol": SYMBOL_MAX_CHARS}
 
 
 @dataclass(frozen=True)
