@@ -14,13 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
-import os
 import re
 import statistics
-import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,7 +30,7 @@ from orderbook_store.models import OrderbookData
 from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
-from orderbook_store.write.spool import MAGIC, default_spool_dir, target_dirname
+from orderbook_store.write.spool import survey, target_directory
 
 __all__ = ["Check", "Report", "Status", "run", "run_checks"]
 
@@ -49,9 +46,6 @@ CONNECTIONS_WARN = 0.8
 PARTITIONS_AHEAD_WARN_DAYS = 2.0
 
 _TABLE = OrderbookData.__tablename__
-_RECORD_HEADER = struct.Struct("<4sII")
-_RECORD_PREFIX = struct.Struct("<16sQI")
-_OWNER_DIR = re.compile(r"^\d{20}-\d+-[0-9a-f]{8}$")
 _QUERY_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -461,35 +455,28 @@ async def _read_node_check(report: Report, settings: Settings) -> None:
 
 def spool_directory(settings: Settings) -> Path:
     """Where writers on this host spool batches for ``settings``' database."""
-    root = settings.spool_dir if settings.spool_dir is not None else default_spool_dir()
-    return Path(root).expanduser() / target_dirname(settings.host, settings.port, settings.name)
+    return target_directory(settings.spool_dir, settings.host, settings.port, settings.name)
 
 
 def _spool_check(report: Report, settings: Settings) -> None:
     directory = spool_directory(settings)
-    orphan_rows = live_rows = orphans = live = 0
-    for owner in _owner_dirs(directory):
-        rows = sum(_segment_rows(seg) for seg in sorted(owner.glob("*.seg")))
-        if _has_living_owner(owner):
-            live += 1
-            live_rows += rows
-        else:
-            orphans += 1
-            orphan_rows += rows
-    if orphan_rows:
+    found = survey(directory)
+    if found.stopped_rows:
         report.add(
             "spool",
             "warn",
-            f"{orphan_rows:,} rows waiting",
-            f"{orphans} spool(s) of stopped writers in {directory}: the next writer on this "
-            "host replays them (start the collector, or any OrderbookRepository that writes)",
+            f"{found.stopped_rows:,} rows waiting",
+            f"{found.stopped_writers} spool(s) of stopped writers in {directory}: the next "
+            "writer on this host replays them (start the collector, or any "
+            "OrderbookRepository that writes)",
         )
-    elif live_rows:
+    elif found.running_rows:
         report.add(
             "spool",
             "warn",
-            f"{live_rows:,} rows spooled by running writers",
-            f"{live} running writer(s) could not reach the database and are catching up",
+            f"{found.running_rows:,} rows spooled by running writers",
+            f"{found.running_writers} running writer(s) could not reach the database and are "
+            "catching up",
         )
     else:
         report.add("spool", "ok", "empty", str(directory))
@@ -513,49 +500,6 @@ def _dead_letter_check(report: Report, settings: Settings) -> None:
         )
     else:
         report.add("dead letters", "ok", "none", str(path))
-
-
-def _owner_dirs(directory: Path) -> Iterator[Path]:
-    with contextlib.suppress(OSError):
-        for entry in sorted(directory.iterdir()):
-            if entry.is_dir() and _OWNER_DIR.match(entry.name):
-                yield entry
-
-
-def _has_living_owner(owner: Path) -> bool:
-    """A running writer holds an exclusive flock on its ``lock`` file for its whole life."""
-    try:
-        fd = os.open(owner / "lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _segment_rows(path: Path) -> int:
-    """Rows in a segment's well-formed records (acknowledgements live in the writer's memory)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return 0
-    rows, offset = 0, 0
-    while offset + _RECORD_HEADER.size + _RECORD_PREFIX.size <= len(data):
-        magic, length, _crc = _RECORD_HEADER.unpack_from(data, offset)
-        if magic != MAGIC:
-            offset = data.find(MAGIC, offset + 1)
-            if offset < 0:
-                break
-            continue
-        rows += _RECORD_PREFIX.unpack_from(data, offset + _RECORD_HEADER.size)[2]
-        offset += _RECORD_HEADER.size + length
-    return rows
 
 
 # -- helpers -----------------------------------------------------------------------------------

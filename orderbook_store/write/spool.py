@@ -72,7 +72,10 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolRecord",
+    "SpoolSurvey",
     "default_spool_dir",
+    "survey",
+    "target_directory",
     "target_dirname",
 ]
 
@@ -105,6 +108,84 @@ def target_dirname(host: str, port: int | str, database: str) -> str:
     """File-system-safe name for one target database (no user, no password)."""
     raw = f"{database}@{host}-{port}"
     return re.sub(r"[^A-Za-z0-9._@-]", "_", raw)[:200]
+
+
+def target_directory(
+    spool_dir: str | os.PathLike[str] | None, host: str, port: int | str, database: str
+) -> Path:
+    """Where writers on this host spool batches for one database (``DB_SPOOL_DIR`` or the
+    per-user default, then one sub-directory per database)."""
+    root = Path(spool_dir) if spool_dir is not None else default_spool_dir()
+    return root.expanduser() / target_dirname(host, port, database)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSurvey:
+    """What waits in one database's spool directory, by whether its writer still runs."""
+
+    running_writers: int = 0
+    running_rows: int = 0
+    stopped_writers: int = 0
+    stopped_rows: int = 0
+
+
+def survey(directory: Path) -> SpoolSurvey:
+    """Count, without taking anything over, the rows each writer's spool holds (unacknowledged
+    records; acknowledgements live in the writer's memory). Reads only: for ``doctor``."""
+    counts = [0, 0, 0, 0]
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return SpoolSurvey()
+    for name in names:
+        owner = directory / name
+        if not _OWNER_RE.match(name) or not owner.is_dir():
+            continue
+        rows = 0
+        for segment in sorted(owner.glob("*.seg")):
+            with contextlib.suppress(OSError):
+                rows += _count_segment(segment)[1]
+        index = 0 if _has_living_owner(owner) else 2
+        counts[index] += 1
+        counts[index + 1] += rows
+    return SpoolSurvey(*counts)
+
+
+def _has_living_owner(owner: Path) -> bool:
+    """A running writer holds an exclusive flock on its ``lock`` file for its whole life."""
+    try:
+        fd = os.open(owner / _LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _count_segment(path: Path) -> tuple[int, int]:
+    """(records, rows) of a segment, by walking headers (checksums are checked on replay)."""
+    records = rows = 0
+    size = path.stat().st_size
+    with open(path, "rb") as reader:
+        offset = 0
+        while offset + HEADER_SIZE + PREFIX_SIZE <= size:
+            reader.seek(offset)
+            head = reader.read(HEADER_SIZE + PREFIX_SIZE)
+            magic, length, _crc = _HEADER.unpack_from(head)
+            end = offset + HEADER_SIZE + length
+            if magic != MAGIC or length < PREFIX_SIZE or end > size:
+                offset = Spool._find_magic(reader, offset + 1, size)
+                continue
+            records += 1
+            rows += _PREFIX.unpack_from(head, HEADER_SIZE)[2]
+            offset = end
+    return records, rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,20 +640,7 @@ class Spool:
     def _count_records(self, segment: _Segment) -> None:
         """Count records by walking headers (cheap; checksums are verified when replayed)."""
         try:
-            with open(segment.path, "rb") as reader:
-                offset = 0
-                while offset + HEADER_SIZE + PREFIX_SIZE <= segment.size:
-                    reader.seek(offset)
-                    head = reader.read(HEADER_SIZE + PREFIX_SIZE)
-                    magic, length, _crc = _HEADER.unpack_from(head)
-                    end = offset + HEADER_SIZE + length
-                    if magic != MAGIC or length < PREFIX_SIZE or end > segment.size:
-                        offset = self._find_magic(reader, offset + 1, segment.size)
-                        continue
-                    _raw_id, _created, rows = _PREFIX.unpack_from(head, HEADER_SIZE)
-                    segment.records += 1
-                    segment.rows += rows
-                    offset = end
+            segment.records, segment.rows = _count_segment(segment.path)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise

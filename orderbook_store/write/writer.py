@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -49,8 +48,7 @@ from orderbook_store.write.spool import (
     Spool,
     SpoolError,
     SpoolRecord,
-    default_spool_dir,
-    target_dirname,
+    target_directory,
 )
 from orderbook_store.write.stats import WriterStats, format_fields, percentile
 from orderbook_store.write.transactions import (
@@ -133,9 +131,8 @@ class Writer:
         self._retry_cap_s = retry_cap_s
         self._config_retry_s = config_retry_s
         self._ledger_retention_s = ledger_retention_s
-        root = settings.spool_dir if settings.spool_dir is not None else default_spool_dir()
-        self.spool_dir = Path(root).expanduser() / target_dirname(
-            settings.host, settings.port, settings.name
+        self.spool_dir = target_directory(
+            settings.spool_dir, settings.host, settings.port, settings.name
         )
         #: Where rows the server refused are kept (see orderbook_store.write.dead_letters).
         self.dead_letter_path = self.spool_dir / dead_letters.FILE_NAME
