@@ -1,22 +1,20 @@
 """``orderbook-store``: operations on the quote store from the shell.
 
 Every command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``).
-Errors print one line and exit non-zero; secrets never reach the output.
+Errors print one line and exit non-zero; secrets never reach the output. The commands live in
+``migrate`` (upgrade, stamp), ``files`` (import, verify, export), ``ops`` (doctor, roles,
+dead-letters) and ``partitions`` (the ``partitions`` group); ``common`` gives each command its
+engine.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
 
 import typer
 
-from orderbook_store.cli import files as cli_files
-from orderbook_store.cli import ops as cli_ops
-from orderbook_store.cli.partitions import app as partitions_app
+from orderbook_store.cli import files, migrate, ops, partitions
 from orderbook_store.errors import OrderbookStoreError
-from orderbook_store.ops import migrations
-from orderbook_store.settings import Settings
 
 app = typer.Typer(
     help="Store and read best bid/ask quotes in PostgreSQL.",
@@ -24,27 +22,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-Revision = Annotated[str, typer.Argument(help="Target revision.")]
-
-
-@app.command()
-def upgrade(revision: Revision = "head") -> None:
-    """Bring the schema up to REVISION (default: head), like `alembic upgrade head`."""
-    migrations.upgrade(Settings(), revision)
-    typer.echo(f"database at {revision}")
-
-
-@app.command()
-def stamp(revision: Revision = "0001") -> None:
-    """Adopt a database made by hand from the original DDL: record it as being at REVISION."""
-    migrations.stamp(Settings(), revision)
-    typer.echo(f"database stamped at {revision}")
-
-
-cli_files.register(app)
-cli_ops.register(app)
-app.add_typer(partitions_app, name="partitions")
+# One style: each module holds a Typer app of its commands; partitions is a command group.
+app.add_typer(migrate.app)
+app.add_typer(files.app)
+app.add_typer(ops.app)
+app.add_typer(partitions.app, name="partitions")
 
 
 def main() -> None:

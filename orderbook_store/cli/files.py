@@ -1,14 +1,12 @@
 """``orderbook-store import | verify | export``: move files in and out of the database.
 
-Register on the main app with :func:`register` (``register(app)`` in ``cli.py``); ``app`` here
-is the same three commands as a standalone Typer app. Exit codes: ``import`` 0 when every file
-was imported or already was, 3 when lines were quarantined (the rest imported), 1 when a file
-was refused or failed; ``verify`` 0 only when every file matches the database; ``export`` 0.
+Exit codes: ``import`` 0 when every file was imported or already was, 3 when lines were
+quarantined (the rest imported), 1 when a file was refused or failed; ``verify`` 0 only when
+every file matches the database; ``export`` 0.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from pathlib import Path
@@ -24,8 +22,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.engine import create_engine
+from orderbook_store.cli.common import run_with_engine
 from orderbook_store.errors import ConfigError
 from orderbook_store.files.export import export_parquet
 from orderbook_store.files.importers import (
@@ -36,8 +35,10 @@ from orderbook_store.files.importers import (
     known_formats,
 )
 from orderbook_store.files.importers.verify import VerifySummary, verify_paths
-from orderbook_store.settings import Settings
 from orderbook_store.times import iso_us
+
+app = typer.Typer()
+
 
 Paths = Annotated[
     list[Path],
@@ -124,6 +125,31 @@ def _import_table(summary: ImportSummary) -> Table:
     return table
 
 
+IMPORT_HELP = (
+    "Import quote files, each exactly once; the format is read from the content.\n\n"
+    "Formats: tardis.dev quotes and book_snapshot_N CSV, FileStorage daily files, Binance "
+    "bookTicker CSV dumps (ms; symbol from <SYMBOL>-bookTicker-<date> or --symbol), JSON lines "
+    "of bookTicker websocket messages, Parquet trees written by `export`; plain, .gz or .zip.\n\n"
+    "Rerunning is safe: imported files (and copies of them) are skipped, an interrupted file is "
+    "imported whole. Lines that fail validation go to the quarantine CSV (file, line, reason, "
+    "text).\n\n"
+    "Exit code: 0 all imported or already there; 3 some lines quarantined; 1 a file refused."
+)
+VERIFY_HELP = (
+    "Compare files with the database, per exchange and symbol: row count, first and last "
+    "timestamp, and a checksum of every value.\n\n"
+    "Exit code 1 when any file does not match or cannot be read."
+)
+EXPORT_HELP = (
+    "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
+    "OUT/exchange=../symbol=../date=YYYY-MM-DD/.\n\n"
+    "Times are timestamp\\[us, UTC], values decimal128(20,8), exact; `import` reads the tree back. "
+    "Exporting the same range again replaces its files, an adjacent range adds files, a range "
+    "partly overlapping files already there is refused."
+)
+
+
+@app.command("import", help=IMPORT_HELP)
 def import_files(
     paths: Paths,
     quarantine: Annotated[
@@ -140,26 +166,24 @@ def import_files(
     files already imported are skipped, an interrupted file is imported whole.
     """
     console = Console(stderr=True)
-    engine = create_engine(Settings())
     bar = None if quiet else _Bar(console)
 
-    async def run() -> ImportSummary:
-        try:
-            return await import_paths(
+    def run() -> ImportSummary:
+        return run_with_engine(
+            lambda engine: import_paths(
                 engine,
                 paths,
                 options=ImportOptions(symbol=symbol),
                 quarantine=quarantine,
                 progress=bar,
             )
-        finally:
-            await engine.dispose()
+        )
 
     if bar is not None:
         with bar.progress:
-            summary = asyncio.run(run())
+            summary = run()
     else:
-        summary = asyncio.run(run())
+        summary = run()
     if not quiet:
         Console(markup=False, highlight=False).print(_import_table(summary))
     for result in summary.files:
@@ -203,20 +227,15 @@ def _verify_table(summary: VerifySummary) -> Table:
     return table
 
 
+@app.command("verify", help=VERIFY_HELP)
 def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> None:
     """Compare files with the database: row count, first/last timestamp, value checksum.
 
     Exit code 1 when any file does not match (or cannot be read), 0 otherwise.
     """
-    engine = create_engine(Settings())
-
-    async def run() -> VerifySummary:
-        try:
-            return await verify_paths(engine, paths, options=ImportOptions(symbol=symbol))
-        finally:
-            await engine.dispose()
-
-    summary = asyncio.run(run())
+    summary = run_with_engine(
+        lambda engine: verify_paths(engine, paths, options=ImportOptions(symbol=symbol))
+    )
     if not quiet:
         Console(markup=False, highlight=False).print(_verify_table(summary))
     for check in summary.files:
@@ -227,6 +246,7 @@ def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> N
     raise typer.Exit(summary.exit_code)
 
 
+@app.command("export", help=EXPORT_HELP)
 def export_files(
     symbol: Annotated[str, typer.Option(help="Symbol to export, e.g. BTCUSDT.")],
     start: Annotated[str, typer.Option(help="From (inclusive): ISO date/time, UTC, or µs.")],
@@ -242,7 +262,6 @@ def export_files(
     start_us, end_us = parse_time_us(start), parse_time_us(end)
     if end_us <= start_us:
         raise ConfigError(f"--end {end!r} must be after --start {start!r}")
-    engine = create_engine(Settings())
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]export"),
@@ -253,18 +272,15 @@ def export_files(
     )
     task = progress.add_task("export", total=None)
 
-    async def run() -> None:
-        try:
-            summary = await export_parquet(
-                engine,
-                symbol=symbol,
-                start_us=start_us,
-                end_us=end_us,
-                out=out,
-                on_rows=lambda rows: progress.advance(task, rows),
-            )
-        finally:
-            await engine.dispose()
+    async def run(engine: AsyncEngine) -> None:
+        summary = await export_parquet(
+            engine,
+            symbol=symbol,
+            start_us=start_us,
+            end_us=end_us,
+            out=out,
+            on_rows=lambda rows: progress.advance(task, rows),
+        )
         progress.stop()
         if not quiet:
             rate = summary.rows / summary.seconds if summary.seconds else 0.0
@@ -274,35 +290,4 @@ def export_files(
             )
 
     with progress:
-        asyncio.run(run())
-
-
-IMPORT_HELP = (
-    "Import quote files, each exactly once; the format is read from the content.\n\n"
-    "Formats: tardis.dev quotes and book_snapshot_N CSV, FileStorage daily files, Binance "
-    "bookTicker CSV dumps (ms; symbol from <SYMBOL>-bookTicker-<date> or --symbol), JSON lines "
-    "of bookTicker websocket messages, Parquet trees written by `export`; plain, .gz or .zip.\n\n"
-    "Rerunning is safe: imported files (and copies of them) are skipped, an interrupted file is "
-    "imported whole. Lines that fail validation go to the quarantine CSV (file, line, reason, "
-    "text).\n\n"
-    "Exit code: 0 all imported or already there; 3 some lines quarantined; 1 a file refused."
-)
-VERIFY_HELP = (
-    "Compare files with the database, per exchange and symbol: row count, first and last "
-    "timestamp, and a checksum of every value.\n\n"
-    "Exit code 1 when any file does not match or cannot be read."
-)
-EXPORT_HELP = (
-    "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
-    "OUT/exchange=../symbol=../date=YYYY-MM-DD/.\n\n"
-    "Times are timestamp\\[us, UTC], values decimal128(20,8), exact; `import` reads the tree back. "
-    "Exporting the same range again replaces its files, an adjacent range adds files, a range "
-    "partly overlapping files already there is refused."
-)
-
-
-def register(target: typer.Typer) -> None:
-    """Add ``import``, ``verify`` and ``export`` to ``target`` (the ``orderbook-store`` app)."""
-    target.command("import", help=IMPORT_HELP)(import_files)
-    target.command("verify", help=VERIFY_HELP)(verify_files)
-    target.command("export", help=EXPORT_HELP)(export_files)
+        run_with_engine(run)

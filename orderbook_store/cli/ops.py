@@ -1,7 +1,6 @@
 """Operator commands: ``orderbook-store doctor``, ``roles --print-sql`` and ``dead-letters``.
 
-``register(app)`` adds them to the main ``orderbook-store`` Typer app. They read the same
-``Settings`` as the library and never print the password.
+They read the same ``Settings`` as the library and never print the password.
 """
 
 from __future__ import annotations
@@ -17,6 +16,9 @@ from orderbook_store.ops.doctor import run as run_doctor
 from orderbook_store.ops.roles import RoleNames, roles_sql
 from orderbook_store.settings import Settings
 
+app = typer.Typer()
+
+
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for machines.")]
@@ -29,6 +31,7 @@ ReaderName = Annotated[str, typer.Option(help="Role for read-only access.")]
 SchemaName = Annotated[str, typer.Option(help="Schema holding the tables.")]
 
 
+@app.command()
 def doctor(json_output: JsonFlag = False) -> None:
     """Check connectivity, TLS, server settings, migrations, table, spool and clock.
 
@@ -62,6 +65,7 @@ def _print_table(report: Report) -> None:
     console.print(verdict, style=None if report.ok else "bold red", markup=False)
 
 
+@app.command()
 def roles(
     print_sql: PrintSql = False,
     owner: OwnerName = "orderbook_owner",
@@ -80,6 +84,7 @@ def roles(
     typer.echo(roles_sql(RoleNames(owner=owner, writer=writer, reader=reader), schema), nl=False)
 
 
+@app.command("dead-letters")
 def dead_letters(json_output: JsonFlag = False) -> None:
     """List the rows the server refused (a constraint, the encoding...), with its reasons.
 
@@ -114,10 +119,3 @@ def dead_letters(json_output: JsonFlag = False) -> None:
             table.add_row(*(Text(cell) for cell in cells))
         console.print(table)
     console.print(f"{len(letters)} refused row(s) in {path}", markup=False, highlight=False)
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``doctor``, ``roles`` and ``dead-letters`` to ``app`` (``orderbook-store``)."""
-    app.command("doctor")(doctor)
-    app.command("roles")(roles)
-    app.command("dead-letters")(dead_letters)

@@ -6,21 +6,17 @@ and does its work through ``orderbook_store.ops.partitions``.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.engine import create_engine
+from orderbook_store.cli.common import run_with_engine
 from orderbook_store.ops import partitions
-from orderbook_store.settings import Settings
 from orderbook_store.times import parse_age
 
 app = typer.Typer(
@@ -33,17 +29,6 @@ app = typer.Typer(
 T = TypeVar("T")
 
 _ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
-
-
-def _run(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
-    async def main() -> T:
-        engine = create_engine(Settings())
-        try:
-            return await work(engine)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
 
 
 def _size(size_bytes: int) -> str:
@@ -84,7 +69,7 @@ def ensure(
     ] = None,
 ) -> None:
     """Create the next partitions and move rows out of the default partition (idempotent)."""
-    result = _run(
+    result = run_with_engine(
         lambda engine: partitions.ensure(engine, ahead, period=period, lock_timeout_s=lock_timeout)
     )
     for name in result.created:
@@ -102,7 +87,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Show every partition: name, date range, estimated rows, size on disk."""
-    found = _run(partitions.list_partitions)
+    found = run_with_engine(partitions.list_partitions)
     if as_json:
         for part in found:
             typer.echo(
@@ -154,7 +139,7 @@ def prune(
     """Drop partitions wholly older than --older-than, archiving them to Parquet first."""
     age = parse_age(older_than, "--older-than")
     if dry_run:
-        for part in _run(lambda engine: partitions.prunable(engine, age)):
+        for part in run_with_engine(lambda engine: partitions.prunable(engine, age)):
             typer.echo(f"would drop {part.name} ({_day(part.start)} .. {_day(part.end)})")
         return
     if archive is None and not yes:
@@ -164,7 +149,7 @@ def prune(
             err=True,
         )
         raise typer.Exit(2)
-    result = _run(
+    result = run_with_engine(
         lambda engine: partitions.prune(engine, age, archive, confirm=yes, progress=typer.echo)
     )
     typer.echo(f"{len(result.dropped)} partitions dropped, {result.rows} rows")

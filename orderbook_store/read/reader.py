@@ -10,7 +10,7 @@ How a range read works, and why:
   and exchange are *bound* to ``set_config(..., is_local => true)`` in the same read-only
   transaction, and the COPY query reads them back with ``current_setting(...)``. Those are
   stable expressions, so they still drive ``idx_orderbook_symbol_timestamp`` as index
-  conditions (see ``explain_quotes``). The time bounds are validated Python ``int``s and are
+  conditions. The time bounds are validated Python ``int``s and are
   written as integer literals: that lets the planner prune date partitions at plan time
   instead of planning every partition and pruning at run time.
 * Rows come in index order (symbol, timestamp). Equal timestamps come in heap order, which is

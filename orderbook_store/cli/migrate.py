@@ -1,0 +1,29 @@
+"""``orderbook-store upgrade`` and ``stamp``: the schema, through Alembic, with the library's
+settings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from orderbook_store.ops import migrations
+from orderbook_store.settings import Settings
+
+app = typer.Typer()
+
+Revision = Annotated[str, typer.Argument(help="Target revision.")]
+
+
+@app.command()
+def upgrade(revision: Revision = "head") -> None:
+    """Bring the schema up to REVISION (default: head), like `alembic upgrade head`."""
+    migrations.upgrade(Settings(), revision)
+    typer.echo(f"database at {revision}")
+
+
+@app.command()
+def stamp(revision: Revision = "0001") -> None:
+    """Adopt a database made by hand from the original DDL: record it as being at REVISION."""
+    migrations.stamp(Settings(), revision)
+    typer.echo(f"database stamped at {revision}")
