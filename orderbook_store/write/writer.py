@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -16,7 +15,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,13 +28,12 @@ from orderbook_store.errors import (
     WritesBlocked,
 )
 from orderbook_store.pg.copy_in import (
-    MAX_ROW_BYTES,
     decode_copy_line,
-    encode_copy_text,
 )
-from orderbook_store.quote import Quote, QuoteRow, to_row
+from orderbook_store.quote import Quote, to_row
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
+from orderbook_store.write.batches import Batch, BatchBook
 from orderbook_store.write.careful import CopySizer, Refused
 from orderbook_store.write.failures import (
     Failure,
@@ -45,10 +42,7 @@ from orderbook_store.write.failures import (
     describe,
 )
 from orderbook_store.write.spool import (
-    Spool,
-    SpoolError,
     SpoolRecord,
-    target_directory,
 )
 from orderbook_store.write.stats import WriterStats, format_fields, percentile
 from orderbook_store.write.transactions import (
@@ -69,8 +63,6 @@ _T = TypeVar("_T")
 _YIELD_EVERY_ROWS = 256
 #: Latencies kept for the p50/p99 in ``stats()``.
 _LATENCY_WINDOW = 1024
-#: Rows encoded per COPY data message when a batch is streamed from memory.
-_COPY_CHUNK_ROWS = 4096
 #: How often (seconds) the ledger is pruned and the spool directory looked at for batches
 #: left by writers that stopped while this one runs.
 _PRUNE_EVERY_S = 3600.0
@@ -78,25 +70,7 @@ _PRUNE_EVERY_S = 3600.0
 _CONFIG_LOG_EVERY_S = 60.0
 
 
-@dataclass(slots=True, eq=False)
-class _Batch:
-    """Rows taken from the buffer together; ``first_seq`` orders it among all added rows."""
-
-    batch_id: uuid.UUID
-    first_seq: int
-    rows: int
-    row_list: list[QuoteRow] | None = None  # until encoded
-    data: bytes = b""  # COPY text, once encoded (for the spool, or from it)
-    spooled: bool = False  # set on the event loop's thread once the spool has it
-
-    def encoded(self) -> bytes:
-        if not self.data and self.row_list is not None:
-            self.data = encode_copy_text(self.row_list)
-            self.row_list = None
-        return self.data
-
-
-class Writer:
+class Writer(BatchBook):
     """Buffered, group-committing, spooling writer for one engine. See the module docstring.
 
     Bound to the event loop of its first ``add``/``flush``. Not for use from several threads.
@@ -114,15 +88,10 @@ class Writer:
         config_retry_s: float = 5.0,
         ledger_retention_s: float = 7 * 86400.0,
     ) -> None:
+        super().__init__(settings)
         self._engine = engine
         self._settings = settings
-        self._batch_size = settings.batch_size
         self._flush_interval_s = settings.flush_interval_s
-        self._max_pending = max(settings.max_pending, settings.batch_size)
-        #: Both bounds as one row count: no row encodes to more than MAX_ROW_BYTES.
-        self._max_batch_rows = max(
-            1, min(settings.max_batch_rows, settings.max_batch_bytes // MAX_ROW_BYTES)
-        )
         #: Rows per COPY statement; lowered when one times out, grown back after clean writes.
         self._sizer = CopySizer(self._max_batch_rows)
         self._write_timeout_s = write_timeout_s
@@ -131,28 +100,9 @@ class Writer:
         self._retry_cap_s = retry_cap_s
         self._config_retry_s = config_retry_s
         self._ledger_retention_s = ledger_retention_s
-        self.spool_dir = target_directory(
-            settings.spool_dir, settings.host, settings.port, settings.name
-        )
         #: Where rows the server refused are kept (see orderbook_store.write.dead_letters).
         self.dead_letter_path = self.spool_dir / dead_letters.FILE_NAME
-        self._spool = Spool(self.spool_dir)
-        self._spool_ok = False
-        #: Why the spool last refused a batch; None while it takes them.
-        self._spool_error: str | None = None
-        self._io_pool: ThreadPoolExecutor | None = None
-
-        self._pending: list[QuoteRow] = []
-        self._taken = 0  # rows moved out of _pending into batches
-        self._outstanding: dict[uuid.UUID, _Batch] = {}  # formed, not yet committed, in order
-        #: Rows of outstanding batches that are in memory only (not in the spool).
-        self._unsafe_rows = 0
-        #: ``add`` takes its slow path once this many rows are pending (see _update_spill_at).
-        self._spill_at = self._max_pending
-        self._unspooled: deque[_Batch] = deque()  # spill failed: kept in memory
-        self._in_flight: _Batch | None = None
-        self._spills: set[asyncio.Future[None]] = set()
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._in_flight: Batch | None = None
 
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -165,21 +115,13 @@ class Writer:
         self._failure: Failure | None = None
         self._config_logged: tuple[str, float] = ("", float("-inf"))
         self._last_prune = float("-inf")
-        #: True until the records found in the spool at start have been replayed: ``flush``
-        #: waits for them too (they are older than anything added here).
-        self._backlog = True
 
         self._rejected = 0
         self._refused = 0
         self._written = 0
-        self._spooled = 0
         self._replayed = 0
         self._retries = 0
         self._batches = 0
-        self._in_spool = 0
-        #: Records believed to be in the spool: lets a cycle skip the spool thread (a GIL
-        #: round trip that costs milliseconds under load) when there is nothing to replay.
-        self._spool_records = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     # -- the hot path ---------------------------------------------------------------------
@@ -477,147 +419,6 @@ class Writer:
             failure_class=failure.kind.value if failure is not None else None,
         )
 
-    # -- bookkeeping ------------------------------------------------------------------------
-
-    def _watermark(self) -> int:
-        """Sequence number of the oldest row not yet committed (rows before it all are)."""
-        if self._backlog:
-            return -1
-        for batch in self._outstanding.values():
-            return batch.first_seq
-        return self._taken
-
-    def _notify(self) -> None:
-        """Wake every waiting ``flush`` whose rows are committed (or all, with ``everyone``)."""
-        if not self._waiters:
-            return
-        mark = self._watermark()
-        for target, waiter in self._waiters:
-            if target <= mark and not waiter.done():
-                waiter.set_result(None)
-
-    def _wake_all_waiters(self) -> None:
-        for _, waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _update_spill_at(self) -> None:
-        self._spill_at = max(self._batch_size, self._max_pending - self._unsafe_rows)
-
-    def _take(self) -> _Batch:
-        """The oldest pending rows (at most ``max_batch_rows``) as a new outstanding batch."""
-        rows = self._pending
-        if len(rows) > self._max_batch_rows:
-            self._pending = rows[self._max_batch_rows :]
-            rows = rows[: self._max_batch_rows]
-        else:
-            self._pending = []
-        batch = _Batch(uuid.uuid4(), self._taken, len(rows), rows)
-        self._taken += len(rows)
-        self._outstanding[batch.batch_id] = batch
-        self._unsafe_rows += batch.rows
-        self._update_spill_at()
-        return batch
-
-    def _take_all(self) -> list[_Batch]:
-        batches = []
-        while self._pending:
-            batches.append(self._take())
-        return batches
-
-    def _committed(self, batch_id: uuid.UUID) -> _Batch | None:
-        """Retire an outstanding batch the table now has; returns it (None if not ours)."""
-        batch = self._outstanding.pop(batch_id, None)
-        if batch is not None and not batch.spooled:
-            self._unsafe_rows -= batch.rows
-            self._update_spill_at()
-        return batch
-
-    def _mark_spooled(self, batch: _Batch) -> None:
-        """On the loop's thread, once the spool has ``batch`` durably."""
-        if batch.spooled:
-            return
-        batch.spooled = True
-        self._spooled += batch.rows
-        self._in_spool += batch.rows
-        self._spool_records += 1
-        if batch.batch_id in self._outstanding:
-            self._unsafe_rows -= batch.rows
-            self._update_spill_at()
-        with contextlib.suppress(ValueError):
-            self._unspooled.remove(batch)
-        if self._spool_error is not None:
-            log.info("spool: takes batches again (%s)", self.spool_dir)
-            self._spool_error = None
-
-    def _spool_refused(self, batch: _Batch, error: BaseException) -> None:
-        if self._spool_error is None:
-            log.error(
-                "spool: cannot store %d row(s) (%s); keeping them in memory (at most "
-                "DB_MAX_PENDING=%d rows, then add() refuses quotes)",
-                batch.rows,
-                error,
-                self._max_pending,
-            )
-        self._spool_error = str(error)
-        if batch not in self._unspooled:
-            self._unspooled.append(batch)
-
-    async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
-        """Run ``fn`` on the single spool thread (FIFO: spool operations keep their order)."""
-        assert self._io_pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
-
-    def _spool_write(self, batch: _Batch) -> None:
-        """On the spool thread: encode if needed, append (durable when this returns)."""
-        data = batch.encoded()
-        if not self._spool_ok:
-            raise SpoolError(f"the spool {self.spool_dir} could not be opened")
-        self._spool.append(batch.batch_id, batch.rows, data)
-
-    def _spilled(self, batch: _Batch, future: asyncio.Future[None]) -> None:
-        self._spills.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is None:
-            self._mark_spooled(batch)
-        else:
-            self._spool_refused(batch, error)
-
-    def _spill(self) -> None:
-        """Move every pending row to the spool, from the worker thread; returns at once."""
-        for batch in self._take_all():
-            future = asyncio.ensure_future(self._io(self._spool_write, batch))
-            self._spills.add(future)
-            future.add_done_callback(functools.partial(self._spilled, batch))
-
-    async def _spool_batch(self, batch: _Batch) -> bool:
-        """Put one batch in the spool and wait for it; False (and kept in memory) on failure."""
-        if batch.spooled:
-            return True
-        try:
-            await self._io(self._spool_write, batch)
-        except SpoolError as exc:
-            self._spool_refused(batch, exc)
-            return False
-        self._mark_spooled(batch)
-        return True
-
-    async def _make_durable(self) -> bool:
-        """Spool every row not yet committed that is only in memory; True if all made it.
-
-        That includes a batch in flight: if its write commits after all, the copy in the
-        spool is recognised by the ledger when replayed.
-        """
-        if self._spills:
-            await asyncio.gather(*self._spills, return_exceptions=True)
-        self._take_all()
-        for batch in list(self._outstanding.values()):
-            if not batch.spooled:
-                await self._spool_batch(batch)
-        return not self._unspooled
-
     # -- the background task ----------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -643,43 +444,6 @@ class Writer:
             except Exception as exc:  # a bug must not stop the writer; the rows are still held
                 log.exception("writer: unexpected error; retrying")
                 self._failed(exc, Failure(FailureClass.PASSING))
-
-    def _spool_opened(self, opening: asyncio.Future[tuple[int, int]]) -> None:
-        if opening.cancelled():
-            return
-        error = opening.exception()
-        if error is not None:
-            self._backlog = False
-            self._spool_error = str(error)
-            log.error("spool unavailable (%s): batches the database refuses stay in memory", error)
-        else:
-            records, rows = opening.result()
-            self._spool_records += records
-            self._in_spool += rows
-            if not records:
-                self._backlog = False
-        self._notify()
-
-    def _close_spool(self) -> None:
-        if self._spool_ok:
-            self._spool_ok = False
-            self._spool.close()
-
-    def _adopt_orphans(self) -> tuple[int, int]:
-        """On the spool thread: take over what writers that died since our start left.
-
-        Returns the records and rows gained (counters are updated on the loop's thread).
-        """
-        records, rows = self._spool.pending_records, self._spool.pending_rows
-        if not self._spool.adopt_orphans():
-            return 0, 0
-        return self._spool.pending_records - records, self._spool.pending_rows - rows
-
-    def _open_spool(self) -> tuple[int, int]:
-        """On the spool thread: open, adopt; returns the records and rows found waiting."""
-        self._spool.open()
-        self._spool_ok = True
-        return self._spool.pending_records, self._spool.pending_rows
 
     def _failed(self, exc: BaseException, failure: Failure) -> None:
         self._attempt += 1
@@ -826,7 +590,7 @@ class Writer:
         self._notify()
         return True
 
-    async def _write_batch(self, batch: _Batch) -> bool:
+    async def _write_batch(self, batch: Batch) -> bool:
         """Write one batch from memory; False if the database failed (the caller spools it)."""
         source = batch.data or stream_copy_text(batch.row_list or [])
         result = await self._attempt_write(batch.batch_id, batch.rows, source, batch.encoded)
