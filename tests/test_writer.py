@@ -22,7 +22,8 @@ from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
-from orderbook_store.write.spool import Spool, target_dirname
+from orderbook_store.write.spool import Spool
+from orderbook_store.write.spool_dirs import target_dirname
 
 from stored import expected, stored_multiset
 

@@ -44,7 +44,8 @@ from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 from orderbook_store.write import dead_letters
-from orderbook_store.write.spool import Spool, target_dirname
+from orderbook_store.write.spool import Spool
+from orderbook_store.write.spool_dirs import target_dirname
 
 from pgserver import TemporaryPostgres
 from stored import as_multiset, expected, stored_multiset

@@ -30,7 +30,7 @@ from orderbook_store.models import OrderbookData
 from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
-from orderbook_store.write.spool import survey, target_directory
+from orderbook_store.write.spool_dirs import survey, target_directory
 
 __all__ = ["Check", "Report", "Status", "run", "run_checks"]
 

@@ -23,7 +23,8 @@ from typing import TypeVar
 from orderbook_store.pg.copy_in import MAX_ROW_BYTES, encode_copy_text
 from orderbook_store.quote import QuoteRow
 from orderbook_store.settings import Settings
-from orderbook_store.write.spool import Spool, SpoolError, target_directory
+from orderbook_store.write.spool import Spool, SpoolError
+from orderbook_store.write.spool_dirs import target_directory
 
 __all__ = ["Batch", "BatchBook"]
 

@@ -72,11 +72,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolRecord",
-    "SpoolSurvey",
-    "default_spool_dir",
-    "survey",
-    "target_directory",
-    "target_dirname",
+    "count_segment",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,86 +85,16 @@ PREFIX_SIZE = _PREFIX.size
 #: A record longer than this is treated as damage (a corrupted length), not allocated.
 MAX_PAYLOAD = 1 << 31
 _SEGMENT_RE = re.compile(r"^(\d{10})\.seg$")
-_OWNER_RE = re.compile(r"^\d{20}-\d+-[0-9a-f]{8}$")
-_LOCK_NAME = "lock"
+#: A writer's own directory, and the file it holds a lock on for as long as it lives.
+OWNER_RE = re.compile(r"^\d{20}-\d+-[0-9a-f]{8}$")
+LOCK_NAME = "lock"
 
 
 class SpoolError(OrderbookStoreError, OSError):
     """The spool could not write to its directory (disk full, permissions, read-only)."""
 
 
-def default_spool_dir() -> Path:
-    """Per-user state directory used when ``DB_SPOOL_DIR`` is not set."""
-    state = os.environ.get("XDG_STATE_HOME")
-    base = Path(state) if state else Path.home() / ".local" / "state"
-    return base / "orderbook_store" / "spool"
-
-
-def target_dirname(host: str, port: int | str, database: str) -> str:
-    """File-system-safe name for one target database (no user, no password)."""
-    raw = f"{database}@{host}-{port}"
-    return re.sub(r"[^A-Za-z0-9._@-]", "_", raw)[:200]
-
-
-def target_directory(
-    spool_dir: str | os.PathLike[str] | None, host: str, port: int | str, database: str
-) -> Path:
-    """Where writers on this host spool batches for one database (``DB_SPOOL_DIR`` or the
-    per-user default, then one sub-directory per database)."""
-    root = Path(spool_dir) if spool_dir is not None else default_spool_dir()
-    return root.expanduser() / target_dirname(host, port, database)
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolSurvey:
-    """What waits in one database's spool directory, by whether its writer still runs."""
-
-    running_writers: int = 0
-    running_rows: int = 0
-    stopped_writers: int = 0
-    stopped_rows: int = 0
-
-
-def survey(directory: Path) -> SpoolSurvey:
-    """Count, without taking anything over, the rows each writer's spool holds (unacknowledged
-    records; acknowledgements live in the writer's memory). Reads only: for ``doctor``."""
-    counts = [0, 0, 0, 0]
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return SpoolSurvey()
-    for name in names:
-        owner = directory / name
-        if not _OWNER_RE.match(name) or not owner.is_dir():
-            continue
-        rows = 0
-        for segment in sorted(owner.glob("*.seg")):
-            with contextlib.suppress(OSError):
-                rows += _count_segment(segment)[1]
-        index = 0 if _has_living_owner(owner) else 2
-        counts[index] += 1
-        counts[index + 1] += rows
-    return SpoolSurvey(*counts)
-
-
-def _has_living_owner(owner: Path) -> bool:
-    """A running writer holds an exclusive flock on its ``lock`` file for its whole life."""
-    try:
-        fd = os.open(owner / _LOCK_NAME, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _count_segment(path: Path) -> tuple[int, int]:
+def count_segment(path: Path) -> tuple[int, int]:
     """(records, rows) of a segment, by walking headers (checksums are checked on replay)."""
     records = rows = 0
     size = path.stat().st_size
@@ -276,7 +202,7 @@ class Spool:
                 except FileNotFoundError:  # an empty spool directory removed under us
                     if attempt == 4:
                         raise
-            lock_fd = os.open(staging / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            lock_fd = os.open(staging / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Other processes only consider fully named directories, and by the time one is
             # visible under its final name its lock is already held.
@@ -302,11 +228,11 @@ class Spool:
             raise SpoolError(f"cannot list the spool {self.directory}: {exc}") from exc
         known = {self._own.path.name} | {owner.path.name for owner in self._adopted}
         for name in names:
-            if name in known or not _OWNER_RE.match(name):
+            if name in known or not OWNER_RE.match(name):
                 continue
             path = self.directory / name
             try:
-                lock_fd = os.open(path / _LOCK_NAME, os.O_RDWR)
+                lock_fd = os.open(path / LOCK_NAME, os.O_RDWR)
             except FileNotFoundError:
                 # Being removed by whoever adopted it before us, or left empty by a crash
                 # during that removal: an empty directory is removed, anything else kept.
@@ -537,10 +463,10 @@ class Spool:
         # (or being emptied) and is never adopted.
         with contextlib.suppress(OSError):
             for leftover in owner.path.iterdir():
-                if leftover.name != _LOCK_NAME and not _SEGMENT_RE.match(leftover.name):
+                if leftover.name != LOCK_NAME and not _SEGMENT_RE.match(leftover.name):
                     leftover.unlink()
         with contextlib.suppress(FileNotFoundError):
-            (owner.path / _LOCK_NAME).unlink()
+            (owner.path / LOCK_NAME).unlink()
         with contextlib.suppress(OSError):
             owner.path.rmdir()
         with contextlib.suppress(OSError):
@@ -640,7 +566,7 @@ class Spool:
     def _count_records(self, segment: _Segment) -> None:
         """Count records by walking headers (cheap; checksums are verified when replayed)."""
         try:
-            segment.records, segment.rows = _count_segment(segment.path)
+            segment.records, segment.rows = count_segment(segment.path)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
