@@ -231,6 +231,38 @@ async def test_a_refused_row_in_the_spool_does_not_hold_up_replay_after_a_restar
     assert {letter.row["ask_amount"] for letter in letters} == {"5000", "7000"}
 
 
+async def test_thousands_of_refused_rows_in_one_batch_fit_a_small_lock_table(
+    tmp_path: Path,
+) -> None:
+    """Every other row refused: bisection must not pile up nested savepoints, whose locks run
+    a server's shared lock table (here a small one) out of memory for every session."""
+    with TemporaryPostgres(
+        extra_conf={"max_locks_per_transaction": "10", "max_connections": "20"}
+    ) as small:
+        small.create_database("orderbook")
+        settings = small.settings("orderbook", spool_dir=tmp_path)
+        migrations.upgrade(settings, "head")
+        await execute(
+            settings,
+            "ALTER TABLE orderbook_data ADD CONSTRAINT even_only CHECK (timestamp % 2 = 0)",
+        )
+        added = quotes(6_000)
+        engine = create_engine(settings)
+        try:
+            async with OrderbookRepository(engine, batch_size=10_000) as repo:
+                await repo.add_many(added)
+                await repo.flush(timeout_s=120)
+                stats = repo.stats()
+                letters = dead_letters.read(repo.dead_letter_path)
+        finally:
+            await engine.dispose()
+        kept = [q for q in added if int(q["timestamp"]) % 2 == 0]  # type: ignore[call-overload]
+        assert 2_000 < len(kept) < 4_000
+        assert await stored_multiset(settings) == expected(kept)
+        assert stats.rows_refused == len(added) - len(kept) == len(letters)
+        assert stats.rows_written == len(kept)
+
+
 async def test_characters_the_database_encoding_cannot_store_are_dead_lettered(
     server: TemporaryPostgres, tmp_path: Path
 ) -> None:

@@ -71,7 +71,11 @@ async def copy_bisecting(
     """COPY ``lines`` (rows of COPY text) on ``raw``, inside its transaction, as statements of
     at most ``sizer.limit`` rows, each under a savepoint; returns the rows the server refused.
 
-    Any other failure is raised (and the transaction is then lost to the caller).
+    Every savepoint is gone before the next one is set (released, or rolled back and then
+    released): a savepoint left behind after ``ROLLBACK TO`` would nest the next one inside
+    it, and with thousands of refused rows the nested levels hold enough locks to run the
+    whole server's shared lock table out of memory, for every session. Any other failure is
+    raised (the transaction is then lost to the caller).
     """
     refused: list[Refused] = []
     timed_out = False
@@ -85,7 +89,9 @@ async def copy_bisecting(
         try:
             await copy_quotes_in(raw, b"".join(lines[low:high]))
         except asyncpg.PostgresError as exc:
+            # Roll back, then drop the savepoint itself: the next one is not nested in it.
             await raw.execute("ROLLBACK TO SAVEPOINT orderbook_rows")
+            await raw.execute("RELEASE SAVEPOINT orderbook_rows")
             failure = classify(exc)
             if failure.kind is FailureClass.ROWS_REFUSED and high - low == 1:
                 first_line = str(exc).strip().splitlines()
