@@ -26,6 +26,8 @@ from orderbook_store.files.importers.verify import verify_paths
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
 
+from pgserver import run_command
+
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "tests" / "data" / "tardis_book_snapshot_5_BTCUSDT_2020-09-01.csv.gz"
 COLUMNS = (
@@ -751,13 +753,10 @@ async def test_import_memory_does_not_grow_with_the_file(
     peaks = {}
     for path in (small, large):
         done = await asyncio.to_thread(
-            subprocess.run,
+            run_command,  # a failure shows the child's stderr
             [sys.executable, "-c", _PEAK_RSS_CHILD, str(path), str(tmp_path / "q.csv")],
             env=_env(settings),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=True,
+            timeout_s=600,
         )
         rows, peak_kib = map(int, done.stdout.split())
         peaks[rows] = peak_kib
