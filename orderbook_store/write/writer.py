@@ -167,10 +167,11 @@ class Writer(WriteAttempts):
         if not wake.is_set():
             wake.set()
         if n >= self._spill_at:
-            if self._spills and n + self._unsafe_rows >= 2 * self._max_pending:
+            while self._spills and n + self._unsafe_rows >= 2 * self._max_pending:
                 # The disk is behind by a whole max_pending: wait for it (the disk, never the
-                # database), so memory stays bounded however fast the producer is.
-                await asyncio.gather(*self._spills, return_exceptions=True)
+                # database), one record at a time, so memory stays bounded however fast the
+                # producer is and no single add() waits longer than one record's write.
+                await asyncio.wait(self._spills, return_when=asyncio.FIRST_COMPLETED)
             if self._spool_error is not None and n + self._unsafe_rows >= self._max_pending:
                 self._pending.pop()  # the row just added is handed back to the caller
                 raise WriterBackpressure(
