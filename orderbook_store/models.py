@@ -83,6 +83,9 @@ class OrderbookData(Base):
 
 _QUOTES = OrderbookData.__table__.columns
 
+#: Every column of the table, in table order (what an archive of a partition holds).
+TABLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in _QUOTES)
+
 #: The columns a quote carries, in table order: what writers send and readers return (every
 #: column but the ones the server fills, ``id`` and ``created_at``).
 QUOTE_COLUMNS: tuple[str, ...] = tuple(

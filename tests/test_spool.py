@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orderbook_store.write.spool import HEADER_SIZE, Spool, SpoolRecord, encode_record
+from orderbook_store.write.spool import Spool, SpoolRecord
+from orderbook_store.write.spool_records import HEADER_SIZE, encode_record
 
 
 def _payload(i: int) -> bytes:

@@ -26,15 +26,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
-from orderbook_store.models import QUOTE_COLUMNS, OrderbookData, arrow_schema
-from orderbook_store.pg.connection import raw_connection
+from orderbook_store.models import TABLE_COLUMNS, OrderbookData
+from orderbook_store.ops.archive import archive_partition
 from orderbook_store.times import EPOCH_DATE, US_PER_DAY, day_of, from_us
 from orderbook_store.times import day_start_us as to_us
 
@@ -49,7 +49,6 @@ ADVISORY_LOCK_KEY = 0x0B5_9A27  # "orderbook_store partitions"
 
 
 #: Every column, in table order (what a move or an export carries).
-COLUMNS: tuple[str, ...] = tuple(c.name for c in OrderbookData.__table__.columns)
 
 #: Names each partition's copy of a parent index ``<parent index>_<partition suffix>``
 #: (``idx_orderbook_symbol_timestamp_p20240101``), so plans read like the plain table's.
@@ -358,7 +357,7 @@ async def ensure(
         default_days = await _default_days(conn) if has_default else []
         ranges = _plan(partitions, chosen, today, ahead, default_days, since)
 
-        columns = ", ".join(f'"{c}"' for c in COLUMNS)
+        columns = ", ".join(f'"{c}"' for c in TABLE_COLUMNS)
         moving = bool(default_days) and bool(ranges)
         if moving:
             await conn.execute(
@@ -479,7 +478,7 @@ async def prune(
         try:
             rows = await _count(engine, part.name)
             if archive_dir is not None:
-                path = await _archive(engine, part, Path(archive_dir), rows)
+                path = await archive_partition(engine, part, Path(archive_dir), rows)
                 result.files.append(path)
                 if progress is not None:
                     progress(f"archived {rows:,} rows of {part.name} to {path}")
@@ -531,62 +530,3 @@ async def _reattach(engine: AsyncEngine, part: PartitionInfo, cause: BaseExcepti
             f"its rows are safe in table {part.name}, outside {TABLE}: once the default "
             f"partition holds no rows of {_day_text(part)} (run ensure), run: {attach}"
         ) from exc
-
-
-def _arrow_schema() -> Any:
-    """The Parquet schema of an archive: every column of the table, decimals exact."""
-    return arrow_schema(("id", *QUOTE_COLUMNS, "created_at"))
-
-
-async def _archive(engine: AsyncEngine, part: PartitionInfo, archive_dir: Path, rows: int) -> Path:
-    """Write a detached partition to Parquet and prove the file holds every row."""
-    try:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - depends on the installation
-        raise PartitionError(
-            "archiving needs pyarrow: pip install 'orderbook_store[arrow]'"
-        ) from None
-    assert part.start_us is not None
-    folder = archive_dir / f"period_start={day_of(part.start_us).isoformat()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{part.name}.parquet"
-    serial = 0
-    while path.exists():
-        serial += 1
-        path = folder / f"{part.name}-{serial}.parquet"
-    partial = path.with_suffix(".parquet.partial")
-    schema = _arrow_schema()
-    columns = ", ".join(f'"{c}"' for c in COLUMNS)
-    written = 0
-    id_sum_db = 0
-    async with engine.connect() as conn:
-        raw = await raw_connection(conn)
-        id_sum_db = int(await raw.fetchval(f'SELECT coalesce(sum(id), 0) FROM "{part.name}"'))
-        with pq.ParquetWriter(partial, schema) as writer:
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await raw.cursor(
-                    f'SELECT {columns} FROM "{part.name}" ORDER BY "timestamp", id'
-                )
-                while True:
-                    chunk = await cursor.fetch(100_000)
-                    if not chunk:
-                        break
-                    arrays = [
-                        pa.array([record[i] for record in chunk], type=schema.field(i).type)
-                        for i in range(len(COLUMNS))
-                    ]
-                    writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-                    written += len(chunk)
-    stored = pq.ParquetFile(partial)
-    stored_rows = stored.metadata.num_rows
-    id_sum_file = int(pc.sum(stored.read(columns=["id"]).column("id")).as_py() or 0)
-    if not (stored_rows == written == rows and id_sum_file == id_sum_db):
-        partial.unlink(missing_ok=True)
-        raise PartitionError(
-            f"archive of {part.name} holds {stored_rows} rows (id sum {id_sum_file}), "
-            f"the partition {rows} (id sum {id_sum_db}); nothing was dropped"
-        )
-    partial.replace(path)
-    return path

@@ -27,17 +27,7 @@ kernel drops a flock when its process dies, however it dies): the next Spool ope
 directory *adopts* it, holds its lock while replaying, and removes it once every record has been
 acknowledged. Adopted directories are replayed oldest first, before this process's own records.
 
-Record format (little endian)::
-
-    magic  4 bytes   b"\\xa7OBS"
-    length u32       payload length
-    crc    u32       CRC-32 of length and payload
-    payload:
-        batch_id    16 bytes (UUID; the ledger key that makes replays exactly-once)
-        created_us  u64      when the batch was formed, microseconds since the epoch
-        rows        u32      number of rows in the batch
-        data        COPY text of the rows (``pg.copy_in.encode_copy_text``)
-
+Records are framed and checksummed as :mod:`orderbook_store.write.spool_records` says.
 Every append is written with one ``write`` and then ``fsync``-ed; a new segment's directory is
 ``fsync``-ed too, so an acknowledged append survives a power cut. A record that was being
 written when the process died (a torn tail), or one that was damaged later, fails its length or
@@ -66,24 +56,22 @@ from pathlib import Path
 from typing import BinaryIO
 
 from orderbook_store.errors import OrderbookStoreError
+from orderbook_store.write.spool_records import (
+    _HEADER,
+    _PREFIX,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_PAYLOAD,
+    PREFIX_SIZE,
+    count_segment,
+    encode_record,
+    find_magic,
+)
 
-__all__ = [
-    "MAGIC",
-    "Spool",
-    "SpoolError",
-    "SpoolRecord",
-    "count_segment",
-]
+__all__ = ["Spool", "SpoolError", "SpoolRecord"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"\xa7OBS"
-_HEADER = struct.Struct("<4sII")
-_PREFIX = struct.Struct("<16sQI")
-HEADER_SIZE = _HEADER.size
-PREFIX_SIZE = _PREFIX.size
-#: A record longer than this is treated as damage (a corrupted length), not allocated.
-MAX_PAYLOAD = 1 << 31
 _SEGMENT_RE = re.compile(r"^(\d{10})\.seg$")
 #: A writer's own directory, and the file it holds a lock on for as long as it lives.
 OWNER_RE = re.compile(r"^\d{20}-\d+-[0-9a-f]{8}$")
@@ -92,26 +80,6 @@ LOCK_NAME = "lock"
 
 class SpoolError(OrderbookStoreError, OSError):
     """The spool could not write to its directory (disk full, permissions, read-only)."""
-
-
-def count_segment(path: Path) -> tuple[int, int]:
-    """(records, rows) of a segment, by walking headers (checksums are checked on replay)."""
-    records = rows = 0
-    size = path.stat().st_size
-    with open(path, "rb") as reader:
-        offset = 0
-        while offset + HEADER_SIZE + PREFIX_SIZE <= size:
-            reader.seek(offset)
-            head = reader.read(HEADER_SIZE + PREFIX_SIZE)
-            magic, length, _crc = _HEADER.unpack_from(head)
-            end = offset + HEADER_SIZE + length
-            if magic != MAGIC or length < PREFIX_SIZE or end > size:
-                offset = Spool._find_magic(reader, offset + 1, size)
-                continue
-            records += 1
-            rows += _PREFIX.unpack_from(head, HEADER_SIZE)[2]
-            offset = end
-    return records, rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,15 +120,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def encode_record(batch_id: uuid.UUID, rows: int, data: bytes, created_us: int) -> bytes:
-    """The bytes of one record, header included (exposed for tests that damage records)."""
-    prefix = _PREFIX.pack(batch_id.bytes, created_us, rows)
-    length = len(prefix) + len(data)
-    length_bytes = struct.pack("<I", length)
-    crc = zlib.crc32(data, zlib.crc32(prefix, zlib.crc32(length_bytes)))
-    return _HEADER.pack(MAGIC, length, crc) + prefix + data
 
 
 class Spool:
@@ -512,7 +471,7 @@ class Spool:
                         offset=offset,
                         end=offset + HEADER_SIZE + length,
                     )
-        resume = self._find_magic(reader, offset + 1, segment.size)
+        resume = find_magic(reader, offset + 1, segment.size)
         self.damaged_records += 1
         log.warning(
             "spool: damaged record in %s at offset %d (%s); skipped %d byte(s), %s",
@@ -526,22 +485,6 @@ class Spool:
         )
         segment.read_offset = resume
         return None
-
-    @staticmethod
-    def _find_magic(reader: BinaryIO, start: int, end: int) -> int:
-        """Offset of the next magic at or after ``start`` (``end`` if none)."""
-        chunk_size = 1 << 20
-        position = start
-        while position < end:
-            reader.seek(position)
-            chunk = reader.read(min(chunk_size, end - position) + len(MAGIC) - 1)
-            if not chunk:
-                break
-            found = chunk.find(MAGIC)
-            if found >= 0:
-                return position + found
-            position += chunk_size
-        return end
 
     def _list_segments(self, path: Path) -> list[_Segment]:
         """Segments of an adopted directory, in order, with their records counted."""

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from orderbook_store.write.spool import LOCK_NAME, OWNER_RE, count_segment
+from orderbook_store.write.spool import LOCK_NAME, OWNER_RE
+from orderbook_store.write.spool_records import count_segment
 
 __all__ = ["SpoolSurvey", "default_spool_dir", "survey", "target_directory", "target_dirname"]
 
