@@ -1,19 +1,21 @@
 """The write path behind ``OrderbookRepository.add``: buffer, group-commit COPY, retry, spool.
 
-Modules: ``writer`` (the buffer and its background task), ``transactions`` (a batch with its
-ledger entry), ``careful`` (smaller statements, refused rows bisected out), ``failures`` (what
-a failure means), ``spool`` (batches the database has not taken), ``dead_letters`` (rows it
-refused), ``stats`` (what the writer reports).
+Modules: ``writer`` (the buffer, flush, close and the background cycle), ``batches`` (the
+batches held until committed), ``attempts`` (one write attempt and the retry schedule),
+``transactions`` (a batch with its ledger entry), ``careful`` (smaller statements, refused rows
+bisected out), ``failures`` (what a failure means), ``spool``, ``spool_records`` and
+``spool_dirs`` (batches the database has not taken), ``dead_letters`` (rows it refused),
+``stats`` (what the writer reports).
 
 How a quote travels
     ``add()`` validates the quote (``quote.to_row``, about a microsecond), appends the row to an
     in-memory list and returns. It never awaits the database. One background task takes the
     pending rows (up to the batch bounds below) whenever ``batch_size`` rows are waiting or
     ``flush_interval_s`` has passed, encodes them as COPY text and writes them in one
-    transaction: ``COPY orderbook_data FROM
-    STDIN`` plus one row in the ledger table ``orderbook_write_batches`` carrying the batch's
-    id. While that write is in flight new rows keep collecting, and the next write takes them
-    all (group commit): batches grow with the load and the per-transaction cost is shared.
+    transaction: ``COPY orderbook_data FROM STDIN`` plus one row in the ledger table
+    ``orderbook_write_batches`` carrying the batch's id. While that write is in flight new
+    rows keep collecting, and the next write takes them all (group commit): batches grow with
+    the load and the per-transaction cost is shared.
 
 When a write fails
     the failure is classified (:mod:`orderbook_store.write.failures`) and handled by its class:

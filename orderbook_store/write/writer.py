@@ -55,7 +55,7 @@ _PRUNE_EVERY_S = 3600.0
 
 
 class Writer(WriteAttempts):
-    """Buffered, group-committing, spooling writer for one engine. See the module docstring.
+    """Buffered, group-committing, spooling writer for one engine (see ``orderbook_store.write``).
 
     Bound to the event loop of its first ``add``/``flush``. Not for use from several threads.
     """
