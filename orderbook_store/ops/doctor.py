@@ -46,7 +46,6 @@ CONNECTIONS_WARN = 0.8
 PARTITIONS_AHEAD_WARN_DAYS = 2.0
 
 _TABLE = OrderbookData.__tablename__
-_QUERY_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True)

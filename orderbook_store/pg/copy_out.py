@@ -47,7 +47,6 @@ __all__ = [
 
 _TAB = 9
 _NEWLINE = 10
-_BACKSLASH = 92
 _MINUS = 45
 _DOT = 46
 _ZERO = 48

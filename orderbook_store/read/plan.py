@@ -37,7 +37,6 @@ Frame: TypeAlias = object
 
 _TIME_COLUMNS = frozenset({"timestamp", "local_timestamp", "time", "bucket"})
 _TEXT_COLUMNS = frozenset({"exchange", "symbol"})
-_INT_COLUMNS = frozenset({"id", "quotes"})
 _NAT = np.iinfo(np.int64).min  # numpy's NaT, as int64: a missing time
 
 # The statement that binds this read's values; COPY below reads them back. The planner knobs

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -44,7 +43,6 @@ __all__ = ["Writer", "WriterStats"]
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 
 #: While a batch is ready, ``add`` gives the event loop a turn once per this many calls, so a
 #: producer that never awaits anything else cannot starve the write in flight.
