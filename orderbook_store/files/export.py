@@ -48,8 +48,6 @@ from orderbook_store.pg.connection import raw_connection
 WINDOW_US: Final = 3_600_000_000
 DAY_US: Final = 86_400_000_000
 
-_TIME = pa.timestamp("us", tz="UTC")
-_DECIMAL = pa.decimal128(20, 8)
 _PART = re.compile(r"part-([0-9]+)-([0-9]+)\.parquet")
 
 #: The schema of every exported file (partition columns live in the path).
@@ -59,12 +57,7 @@ PARQUET_SCHEMA: Final = arrow_schema(
 
 _CSV_NAMES: Final = ["exchange", "timestamp", "local_timestamp", *DECIMAL_COLUMNS]
 _CSV_CONVERT: Final = pacsv.ConvertOptions(
-    column_types={
-        "exchange": pa.string(),
-        "timestamp": pa.int64(),
-        "local_timestamp": pa.int64(),
-        **dict.fromkeys(DECIMAL_COLUMNS, _DECIMAL),
-    },
+    column_types=dict(zip(_CSV_NAMES, arrow_schema(_CSV_NAMES).types, strict=True)),
     strings_can_be_null=True,
 )
 _NEXT: Final = (
@@ -138,8 +131,8 @@ def _parse(data: bytes) -> pa.Table:
 def _to_parquet(rows: pa.Table) -> pa.Table:
     return pa.table(
         [
-            rows.column("timestamp").cast(_TIME),
-            rows.column("local_timestamp").cast(_TIME),
+            rows.column("timestamp").cast(PARQUET_SCHEMA.field("timestamp").type),
+            rows.column("local_timestamp").cast(PARQUET_SCHEMA.field("local_timestamp").type),
             *(rows.column(name) for name in DECIMAL_COLUMNS),
         ],
         schema=PARQUET_SCHEMA,
