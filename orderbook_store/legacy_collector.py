@@ -33,7 +33,6 @@ import datetime as dt
 import gzip
 import io
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -49,7 +48,7 @@ from orderbook_store.quote import QuoteRow, to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.times import day_of
-from orderbook_store.write.failures import FailureClass, classify
+from orderbook_store.write.failures import FailureClass, RepeatFilter, classify
 
 if TYPE_CHECKING:
     from _csv import Writer as CsvWriter
@@ -58,9 +57,6 @@ __all__ = ["DataManager", "FileStorage", "PostgreSQLManager", "StorageBackend"]
 
 #: The old collector configured logging for "orderbook_store.compat": its name stays.
 logger = logging.getLogger("orderbook_store.compat")
-
-#: While writes are blocked, ``save_record`` repeats the ERROR line at most this often.
-_BLOCKED_LOG_EVERY_S = 60.0
 
 #: The header of a tardis.dev ``quotes`` CSV file, which is the table's column list.
 CSV_HEADER: tuple[str, ...] = QUOTE_COLUMNS
@@ -109,7 +105,8 @@ class PostgreSQLManager:
         self.repository: OrderbookRepository | None = None
         self.saved = 0
         self.rejected = 0
-        self._blocked_said: tuple[str | None, float] = (None, float("-inf"))
+        #: While writes are blocked, the ERROR line is repeated at most once a minute.
+        self._blocked_said = RepeatFilter()
 
     async def connect(self) -> None:
         """Create the engine and the repository, and check the server once.
@@ -159,16 +156,9 @@ class PostgreSQLManager:
             return False
         self.saved += 1
         blocked = self.repository.writes_blocked
-        if blocked is not None:
-            self._say_blocked(blocked)
-        return True
-
-    def _say_blocked(self, blocked: str) -> None:
-        said, when = self._blocked_said
-        now = time.monotonic()
-        if blocked != said or now - when >= _BLOCKED_LOG_EVERY_S:
-            self._blocked_said = (blocked, now)
+        if blocked is not None and self._blocked_said.due(blocked):
             logger.error("PostgreSQLManager: quotes are kept but not stored: %s", blocked)
+        return True
 
     async def shutdown(self) -> None:
         """Flush every saved record to the table, then release connections.

@@ -24,7 +24,13 @@ from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
 from orderbook_store.write.batches import BatchBook
 from orderbook_store.write.careful import CopySizer, Refused
-from orderbook_store.write.failures import Failure, FailureClass, classify, describe
+from orderbook_store.write.failures import (
+    Failure,
+    FailureClass,
+    RepeatFilter,
+    classify,
+    describe,
+)
 from orderbook_store.write.stats import WriterStats, format_fields, percentile
 from orderbook_store.write.transactions import prune_ledger, write_batch, write_batch_carefully
 
@@ -34,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Latencies kept for the p50/p99 in ``stats()``.
 _LATENCY_WINDOW = 1024
-#: A configuration failure is logged at ERROR when it changes, else at most this often.
-_CONFIG_LOG_EVERY_S = 60.0
 
 
 class WriteAttempts(BatchBook):
@@ -69,7 +73,8 @@ class WriteAttempts(BatchBook):
         self._retry_at = 0.0
         self._last_error = ""
         self._failure: Failure | None = None
-        self._config_logged: tuple[str, float] = ("", float("-inf"))
+        #: A configuration failure is logged at ERROR when it changes, else once a minute.
+        self._config_said = RepeatFilter()
         self._last_prune = float("-inf")
         self._rejected = 0
         self._refused = 0
@@ -126,13 +131,7 @@ class WriteAttempts(BatchBook):
         stats = self.stats()
         level = logging.WARNING
         if failure.kind is FailureClass.CONFIGURATION:
-            now = time.monotonic()
-            said, when = self._config_logged
-            if said != self._last_error or now - when >= _CONFIG_LOG_EVERY_S:
-                self._config_logged = (self._last_error, now)
-                level = logging.ERROR
-            else:
-                level = logging.DEBUG
+            level = logging.ERROR if self._config_said.due(self._last_error) else logging.DEBUG
         log.log(
             level,
             "write failed (%s, attempt %d, retrying in %.2f s): %s; %s",

@@ -30,9 +30,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import ssl
+import time
 from dataclasses import dataclass
 
-__all__ = ["Failure", "FailureClass", "classify", "describe", "failure_chain", "sqlstate_of"]
+__all__ = [
+    "Failure",
+    "FailureClass",
+    "RepeatFilter",
+    "classify",
+    "describe",
+    "failure_chain",
+    "sqlstate_of",
+]
 
 
 class FailureClass(enum.Enum):
@@ -189,3 +198,21 @@ def describe(exc: BaseException, *, secret: str = "", write_timeout_s: float = 0
     if secret:
         text = text.replace(secret, "***")
     return text[:300]
+
+
+class RepeatFilter:
+    """Says when a failure message is worth a loud log line: when it changes, and otherwise at
+    most once per ``every_s`` seconds, so a failure retried every few seconds is not a flood."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._said: tuple[str | None, float] = (None, float("-inf"))
+
+    def due(self, message: str) -> bool:
+        """True (and remembered) when ``message`` should be said now."""
+        said, when = self._said
+        now = time.monotonic()
+        if message != said or now - when >= self.every_s:
+            self._said = (message, now)
+            return True
+        return False
