@@ -48,7 +48,11 @@ class InvalidQuote(OrderbookStoreError, ValueError):
 
 
 class WriterClosed(OrderbookStoreError):
-    """``add()`` was called once the writer's ``close()`` had begun: the quote was not taken."""
+    """``add()`` was called once the writer's ``close()`` had begun: the quote was not taken.
+    From ``add_many``, ``accepted`` is how many of its quotes were taken before that (they are
+    written or spooled by the ``close()``)."""
+
+    accepted: int = 0
 
 
 class WriterBackpressure(OrderbookStoreError):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import secrets
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,7 @@ from orderbook_store.cli import app as cli_app
 from orderbook_store.compat import PostgreSQLManager
 from orderbook_store.engine import create_engine
 from orderbook_store.errors import (
+    DatabaseUnavailable,
     RowsLost,
     WriterBackpressure,
     WriterClosed,
@@ -46,6 +48,7 @@ from orderbook_store.synthetic import QuoteWalk
 from orderbook_store.write import dead_letters
 from orderbook_store.write.spool import Spool
 from orderbook_store.write.spool_dirs import target_dirname
+from orderbook_store.write.writer import Writer
 
 from pgserver import TemporaryPostgres
 from stored import as_multiset, expected, stored_multiset
@@ -97,6 +100,22 @@ async def execute(settings: Settings, sql: str) -> None:
         await conn.close()
 
 
+async def add_until_pushed_back(
+    repo: OrderbookRepository, feed: list[dict[str, object]]
+) -> tuple[int, WriterBackpressure | None]:
+    """``add`` until the writer pushes back; (quotes accepted, the backpressure error)."""
+    accepted = 0
+    for quote in feed:
+        try:
+            await repo.add(quote)
+        except WriterBackpressure as exc:
+            return accepted, exc
+        accepted += 1
+        if accepted % 100 == 0:
+            await asyncio.sleep(0.005)  # let the writer try (and fail) to spool
+    return accepted, None
+
+
 # -- add while close runs ----------------------------------------------------------------
 
 
@@ -135,6 +154,44 @@ async def test_add_while_close_runs_is_refused_and_every_accepted_quote_is_store
     assert stats.rows_added == stats.rows_written == len(accepted)
     assert stats.rows_in_spool == 0
     assert not any(tmp_path.rglob("*.seg"))  # nothing stranded in the spool
+
+
+async def test_add_many_racing_close_keeps_every_quote_it_took_and_says_how_many(
+    server: TemporaryPostgres, database: str, tmp_path: Path
+) -> None:
+    """close() begins while add_many is between two batches: the call stops with
+    WriterClosed.accepted, and exactly those quotes end up stored (written by the close, or
+    replayed from the spool by the next writer), none lost, none twice."""
+    settings = server.settings(database, spool_dir=tmp_path, batch_size=1_000)
+    walk = QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=41)
+    offered: list[dict[str, object]] = []
+
+    def feed() -> Iterator[dict[str, object]]:
+        for _ in range(2_000_000):
+            quote = walk.next_quote()
+            offered.append(quote)
+            yield quote
+
+    engine = create_engine(settings)
+    try:
+        repo = OrderbookRepository(engine)
+        adding = asyncio.create_task(repo.add_many(feed()))
+        await asyncio.sleep(1.0)
+        assert not adding.done(), "add_many finished before close() began"
+        await repo.close(timeout_s=0.5)  # must not raise RowsLost
+        with pytest.raises(WriterClosed) as closed:
+            await adding
+        accepted = closed.value.accepted
+        assert 0 < accepted < 2_000_000
+        assert f"the first {accepted} quote(s) were taken" in str(closed.value)
+        assert repo.stats().rows_added == accepted
+        # What the close did not write is in the spool: the next writer replays it.
+        async with OrderbookRepository(engine) as again:
+            await again.flush(timeout_s=60)
+    finally:
+        await engine.dispose()
+    assert await stored_multiset(settings) == expected(offered[:accepted])
+    assert not any(tmp_path.rglob("*.seg"))
 
 
 # -- rows the server refuses -----------------------------------------------------------
@@ -263,6 +320,43 @@ async def test_thousands_of_refused_rows_in_one_batch_fit_a_small_lock_table(
         assert stats.rows_written == len(kept)
 
 
+async def test_a_batch_whose_every_row_is_refused_is_settled_in_one_pass(
+    server: TemporaryPostgres, database: str, tmp_path: Path
+) -> None:
+    """Every row of a big batch refused (a constraint a DBA added that the feed breaks): the
+    search costs a statement or two per row, each under its own time limit, so it finishes
+    in one attempt however long it takes, writes each dead letter once, and the rows behind
+    it go through."""
+    settings = server.settings(database, spool_dir=tmp_path, batch_size=10_000)
+    await execute(
+        settings,
+        "ALTER TABLE orderbook_data ADD CONSTRAINT no_bad CHECK (symbol <> 'BADUSDT') NOT VALID",
+    )
+    bad = [{**quote, "symbol": "BADUSDT"} for quote in quotes(10_000)]
+    good = quotes(100, seed=7)
+    engine = create_engine(settings)
+    writer = Writer(engine, settings, write_timeout_s=2.0)  # far less than the whole search
+    try:
+        await writer.add_many(bad)
+        await writer.flush(timeout_s=300)
+        refused = writer.stats()
+        started = time.monotonic()
+        await writer.add_many(good)
+        await writer.flush(timeout_s=10)
+        good_after_s = time.monotonic() - started
+        await writer.close()
+    finally:
+        await engine.dispose()
+    assert refused.rows_refused == 10_000
+    assert refused.retries == 0, refused.last_error
+    assert good_after_s < 5
+    assert await stored_multiset(settings) == expected(good)
+    entries = [json.loads(line) for line in writer.dead_letter_path.read_text().splitlines()]
+    assert len(entries) == 10_000  # each refused row once: not once per attempt
+    assert as_multiset(tuple(e["row"].values()) for e in entries) == expected(bad)  # type: ignore[misc]
+    assert {e["sqlstate"] for e in entries} == {"23514"}
+
+
 async def test_characters_the_database_encoding_cannot_store_are_dead_lettered(
     server: TemporaryPostgres, tmp_path: Path
 ) -> None:
@@ -379,17 +473,7 @@ async def test_with_the_database_down_and_no_spool_add_pushes_back_and_close_cou
     repo = OrderbookRepository(
         engine, spool_dir=not_a_directory, max_pending=1_000, flush_interval_s=0.01
     )
-    accepted = 0
-    pushed_back: WriterBackpressure | None = None
-    for quote in quotes(5_000):
-        try:
-            await repo.add(quote)
-        except WriterBackpressure as exc:
-            pushed_back = exc
-            break
-        accepted += 1
-        if accepted % 100 == 0:
-            await asyncio.sleep(0.005)  # let the writer try (and fail) to spool
+    accepted, pushed_back = await add_until_pushed_back(repo, quotes(5_000))
     assert pushed_back is not None, "memory grew past max_pending without a word"
     assert "DB_MAX_PENDING=1000" in str(pushed_back)
     assert 1_000 - 100 <= accepted <= 1_000
@@ -399,6 +483,41 @@ async def test_with_the_database_down_and_no_spool_add_pushes_back_and_close_cou
     await engine.dispose()
     assert lost.value.rows == accepted
     assert f"{accepted} row(s)" in str(lost.value)
+
+
+async def test_a_spool_directory_removed_while_the_database_is_down_is_no_safe_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The spool directory replaced by a file mid-run: appends to the segment that is gone
+    are refused (not counted as kept), add() pushes back at max_pending, and close() counts
+    the rows it could not keep."""
+    spool_root = tmp_path / "spool"
+    settings = Settings(
+        host="127.0.0.1",
+        port=1,
+        name="down",
+        user="u",
+        sslmode="disable",
+        connect_timeout_s=1,
+        spool_dir=spool_root,
+    )
+    engine = create_engine(settings)
+    repo = OrderbookRepository(engine, batch_size=100, max_pending=1_000, flush_interval_s=0.01)
+    first = quotes(300)
+    await repo.add_many(first)
+    with pytest.raises(DatabaseUnavailable):
+        await repo.flush(timeout_s=0.5)  # the 300 rows are now in the spool
+    assert repo.stats().rows_in_spool == 300
+
+    shutil.rmtree(spool_root)
+    spool_root.write_text("not a directory any more")
+    accepted, pushed_back = await add_until_pushed_back(repo, quotes(20_000, seed=12))
+    assert pushed_back is not None, "rows kept going to a spool that no longer exists"
+    assert accepted <= 2_000
+    with caplog.at_level(logging.ERROR), pytest.raises(RowsLost) as lost:
+        await repo.close(timeout_s=0.3)
+    await engine.dispose()
+    assert lost.value.rows == accepted
 
 
 # -- configuration failures ---------------------------------------------------------------

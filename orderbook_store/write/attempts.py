@@ -15,7 +15,8 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,6 +38,8 @@ from orderbook_store.write.transactions import prune_ledger, write_batch, write_
 __all__ = ["WriteAttempts"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Latencies kept for the p50/p99 in ``stats()``.
 _LATENCY_WINDOW = 1024
@@ -83,6 +86,8 @@ class WriteAttempts(BatchBook):
         self._retries = 0
         self._batches = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        #: Row indexes already in the dead-letter file, per batch not yet committed.
+        self._dead_lettered: dict[uuid.UUID, set[int]] = {}
 
     @property
     def writes_blocked(self) -> str | None:
@@ -169,19 +174,15 @@ class WriteAttempts(BatchBook):
 
         The common case is one COPY of the whole batch. A batch larger than what recently fit
         in one statement, or one whose COPY timed out or had rows refused, is written again at
-        once by :meth:`_careful_transaction`.
+        once, carefully (``write.careful``), each statement with its own time limit.
         """
         started = time.perf_counter()
-        timeout_s = self._timeout_for(rows)
+        careful = rows > self._sizer.limit
         try:
-            if rows > self._sizer.limit:
-                result = await asyncio.wait_for(
-                    self._write_carefully(batch_id, encoded()), timeout_s
-                )
-            else:
+            if not careful:
                 try:
                     written = await asyncio.wait_for(
-                        write_batch(self._engine, batch_id, rows, data), timeout_s
+                        write_batch(self._engine, batch_id, rows, data), self._timeout_for(rows)
                     )
                     result = (written, 0)
                 except asyncio.CancelledError:
@@ -192,15 +193,18 @@ class WriteAttempts(BatchBook):
                         FailureClass.ROWS_REFUSED,
                     ):
                         raise
-                    result = await asyncio.wait_for(
-                        self._write_carefully(batch_id, encoded()), timeout_s
-                    )
+                    careful = True
+            # Not inside the except block above: a failure of the careful pass must be judged
+            # on its own, not by the refusal that led to it (its __context__).
+            if careful:
+                result = await self._write_carefully(batch_id, encoded())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed(exc, self._classify(exc))
             return None
         self._latencies.append(time.perf_counter() - started)
+        self._dead_lettered.pop(batch_id, None)
         self._succeeded()
         if result[0]:
             self._batches += 1
@@ -231,25 +235,41 @@ class WriteAttempts(BatchBook):
 
     async def _write_carefully(self, batch_id: uuid.UUID, data: bytes) -> tuple[bool, int]:
         refused = await write_batch_carefully(
-            self._engine, batch_id, data, self._sizer, self._classify, self._dead_letter
+            self._engine,
+            batch_id,
+            data,
+            self._sizer,
+            self._classify,
+            keep_refused=self._dead_letter,
+            timed=self._timed,
         )
         if refused is None:
             return False, 0
         self._refused += refused
         return True, refused
 
+    async def _timed(self, step: Awaitable[_T], rows: int) -> _T:
+        return await asyncio.wait_for(step, self._timeout_for(rows))
+
     async def _dead_letter(
         self, batch_id: uuid.UUID, lines: list[bytes], refused: list[Refused]
     ) -> None:
-        """Keep refused rows on disk (before the batch commits) and say so in one line."""
+        """Keep refused rows on disk (before the batch commits) and say so in one line.
+
+        A batch whose careful attempt failed after this (the connection lost before the
+        commit) is attempted again; the rows it already kept are not appended twice.
+        """
+        kept = self._dead_lettered.setdefault(batch_id, set())
         letters = [
             dead_letters.DeadLetter.now(
                 str(batch_id), r.index, r.sqlstate, r.reason, decode_copy_line(lines[r.index])
             )
             for r in refused
+            if r.index not in kept
         ]
         try:
             await self._io(dead_letters.append, self.dead_letter_path, letters)
+            kept.update(letter.row_index for letter in letters)
             where = f"kept in {self.dead_letter_path}"
         except dead_letters.DeadLetterError as exc:
             where = f"NOT kept on disk ({exc}); the rows: {[d.row for d in letters]}"

@@ -160,6 +160,9 @@ def classify(exc: BaseException, *, user: str = "", database: str = "") -> Failu
 
     ``user`` and ``database`` only fill in the fix's text (a GRANT names the role).
     """
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        # No answer in time, whatever the exception it interrupted (its __context__) was.
+        return Failure(FailureClass.PASSING)
     chain = failure_chain(exc)
     tls = _tls_problem(chain)
     if tls is not None:

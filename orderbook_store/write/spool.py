@@ -298,10 +298,17 @@ class Spool:
                 while written < len(record):
                     written += os.write(fd, view[written:])
                 os.fsync(fd)
+                deleted = os.fstat(fd).st_nlink == 0
             except OSError:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, segment.size)
                 raise
+            if deleted:
+                # Someone removed the spool directory (or this segment): the write went to a
+                # file nobody can find again, so it is no write at all. The next append tries
+                # a new segment, which fails for as long as the directory is missing.
+                self._finish_active()
+                raise OSError(errno.ENOENT, f"the segment {segment.path} was deleted")
         except OSError as exc:
             raise SpoolError(
                 f"cannot write to the spool {self._own.path}: {exc.strerror or exc}"
@@ -434,7 +441,19 @@ class Spool:
     def _read_at(self, segment: _Segment) -> SpoolRecord | None:
         """The record at ``segment.read_offset``; on damage, report, resync and return None."""
         if segment.reader is None:
-            segment.reader = open(segment.path, "rb")  # noqa: SIM115 - kept open across calls
+            try:
+                segment.reader = open(segment.path, "rb")  # noqa: SIM115 - kept open across calls
+            except FileNotFoundError:
+                log.error(
+                    "spool: the segment %s was deleted by someone else; its %d record(s) "
+                    "(%d row(s)) are lost",
+                    segment.path,
+                    segment.records,
+                    segment.rows,
+                )
+                self.damaged_records += segment.records
+                segment.read_offset = segment.size
+                return None
         reader = segment.reader
         offset = segment.read_offset
         reader.seek(offset)

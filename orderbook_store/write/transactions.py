@@ -20,7 +20,7 @@ from orderbook_store.models import WriteBatch
 from orderbook_store.pg.connection import copy_quotes_in, raw_connection
 from orderbook_store.pg.copy_in import copy_lines, encode_copy_text
 from orderbook_store.quote import QuoteRow
-from orderbook_store.write.careful import CopySizer, Refused, copy_bisecting
+from orderbook_store.write.careful import CopySizer, Refused, Timed, copy_bisecting
 from orderbook_store.write.failures import Failure
 
 __all__ = ["prune_ledger", "stream_copy_text", "write_batch", "write_batch_carefully"]
@@ -68,25 +68,30 @@ async def write_batch_carefully(
     sizer: CopySizer,
     classify: Callable[[BaseException], Failure],
     keep_refused: KeepRefused,
+    timed: Timed,
 ) -> int | None:
     """The batch in one transaction as COPY statements small enough to fit, refused rows
-    bisected out (``write.careful``) and handed to ``keep_refused`` before the commit.
+    set aside (``write.careful``) and handed to ``keep_refused`` before the commit.
 
-    Returns how many rows were refused, or None if the ledger already had the batch. Other
-    failures abort the whole transaction and are raised.
+    Returns how many rows were refused, or None if the ledger already had the batch. Every
+    statement is bounded by ``timed`` (the transaction as a whole is not: finding many refused
+    rows takes many statements). Other failures abort the whole transaction and are raised.
     """
     lines = copy_lines(data)
     async with engine.connect() as conn:
         try:
-            async with conn.begin():
-                inserted = await conn.execute(
-                    _LEDGER_INSERT, {"batch_id": batch_id, "rows": len(lines)}
-                )
-                if inserted.first() is None:
-                    return None
-                refused = await copy_bisecting(await raw_connection(conn), lines, sizer, classify)
-                if refused:
-                    await keep_refused(batch_id, lines, refused)
+            transaction = await timed(conn.begin(), 0)
+            inserted = await timed(
+                conn.execute(_LEDGER_INSERT, {"batch_id": batch_id, "rows": len(lines)}), 0
+            )
+            if inserted.first() is None:
+                await timed(transaction.rollback(), 0)
+                return None
+            raw = await raw_connection(conn)
+            refused = await copy_bisecting(raw, lines, sizer, classify, timed)
+            if refused:
+                await keep_refused(batch_id, lines, refused)
+            await timed(transaction.commit(), len(lines))
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.invalidate()

@@ -142,6 +142,9 @@ class Writer(WriteAttempts):
                     n == self._batch_size or not n % _YIELD_EVERY_ROWS or n >= self._spill_at
                 ):
                     await self._batch_ready(n)
+                    if self._closing:
+                        # close() began while we awaited: what is in is close()'s to keep.
+                        raise self._closed_error(accepted)
                     pending = self._pending
             if self._task is None or len(pending) >= self._batch_size:
                 await self._batch_ready(len(pending))
@@ -155,7 +158,7 @@ class Writer(WriteAttempts):
     async def _batch_ready(self, n: int) -> None:
         if self._task is None:
             if self._closed:
-                self._pending.clear()  # only the row just added: the rest was handled by close
+                self._pending.pop()  # the row just added: it was not taken
                 raise self._closed_error()
             self._start()
             if n < self._batch_size:
@@ -170,6 +173,8 @@ class Writer(WriteAttempts):
                 # database), one record at a time, so memory stays bounded however fast the
                 # producer is and no single add() waits longer than one record's write.
                 await asyncio.wait(self._spills, return_when=asyncio.FIRST_COMPLETED)
+            if self._closing:
+                return  # the row was in before close() began: close() keeps it
             if self._spool_error is not None and n + self._unsafe_rows >= self._max_pending:
                 self._pending.pop()  # the row just added is handed back to the caller
                 raise WriterBackpressure(
@@ -183,11 +188,17 @@ class Writer(WriteAttempts):
         elif not n % _YIELD_EVERY_ROWS:
             await asyncio.sleep(0)
 
-    def _closed_error(self) -> WriterClosed:
-        return WriterClosed(
-            "the writer is closed (or closing): the quote was not taken; make a new "
-            "OrderbookRepository"
+    def _closed_error(self, accepted: int | None = None) -> WriterClosed:
+        taken = (
+            "the quote was not taken"
+            if accepted is None
+            else (f"the first {accepted} quote(s) were taken, the rest were not")
         )
+        error = WriterClosed(
+            f"the writer is closed (or closing): {taken}; make a new OrderbookRepository"
+        )
+        error.accepted = accepted or 0
+        return error
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -312,6 +323,8 @@ class Writer(WriteAttempts):
         if self._io_pool is not None:
             # Whatever the task left uncommitted (a write cut short, rows added meanwhile).
             await self._make_durable()
+            while self._pending:  # rows that came in while the spool was written
+                await self._make_durable()
         left_rows = self._in_spool
         left_batches = self._spool_records
         lost = sum(b.rows for b in self._outstanding.values() if not b.spooled) + len(self._pending)
