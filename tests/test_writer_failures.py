@@ -15,6 +15,8 @@ import json
 import logging
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -518,6 +520,60 @@ async def test_a_spool_directory_removed_while_the_database_is_down_is_no_safe_p
         await repo.close(timeout_s=0.3)
     await engine.dispose()
     assert lost.value.rows == accepted
+
+
+_OUTAGE_CHILD = """
+import asyncio, gc, logging, sys
+from orderbook_store.engine import create_engine
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+from orderbook_store.synthetic import QuoteWalk
+
+def rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+async def main(rows, spool_dir):
+    logging.disable(logging.CRITICAL)
+    settings = Settings(host="127.0.0.1", port=1, name="down", user="u", sslmode="disable",
+                        connect_timeout_s=1, spool_dir=spool_dir)
+    engine = create_engine(settings)
+    repo = OrderbookRepository(engine, max_pending=10_000, flush_interval_s=0.05)
+    walk = QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=3)
+    for _ in range(30_000):  # warm up: the writer, the spool, the allocator
+        await repo.add(walk.next_quote())
+    await asyncio.sleep(0.5)
+    gc.collect()
+    before = rss_bytes()
+    for number in range(rows):
+        await repo.add(walk.next_quote())
+        if number % 1_000 == 0:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0.5)
+    gc.collect()
+    print(rss_bytes() - before, repo.stats().rows_in_spool, flush=True)
+    await repo.close(timeout_s=0.5)
+    await engine.dispose()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def test_a_long_outage_holds_in_memory_only_what_is_not_yet_spooled(tmp_path: Path) -> None:
+    """Database down for hours, spool working: rows the spool has are not also kept in
+    memory, or a long outage ends in the collector being killed for its memory."""
+    rows = 600_000  # about 60 MB of COPY text if it stayed in memory
+    child = subprocess.run(
+        [sys.executable, "-c", _OUTAGE_CHILD, str(rows), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    growth, in_spool = map(int, child.stdout.split())
+    assert in_spool == rows + 30_000
+    assert growth < 25 * 2**20, f"memory grew by {growth / 2**20:.0f} MB for {rows} spooled rows"
 
 
 # -- configuration failures ---------------------------------------------------------------

@@ -29,11 +29,12 @@ from orderbook_store.quote import to_row
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 from orderbook_store.synthetic import QuoteWalk
+from orderbook_store.write import dead_letters
 from orderbook_store.write.spool import Spool
 from orderbook_store.write.spool_dirs import target_dirname
 
 from pgserver import TemporaryPostgres
-from stored import Row, expected, stored_multiset
+from stored import Row, as_multiset, expected, stored_multiset
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -185,10 +186,24 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("refuse_every", [None, 7], ids=["all-good", "one-in-7-refused"])
 def test_sigkilled_writer_is_replayed_by_the_next_process(
-    pg: TemporaryPostgres, tmp_path: Path
+    pg: TemporaryPostgres, tmp_path: Path, refuse_every: int | None
 ) -> None:
+    """Killed while the database is down; the next process replays the spool. With a
+    constraint refusing one row in seven, the others are stored and the refused ones are
+    dead letters: none lost, none twice."""
     seed = 23
+    if refuse_every is not None:
+        pg.psql(
+            "ALTER TABLE orderbook_data ADD CONSTRAINT some_refused "
+            f"CHECK (timestamp % {refuse_every} <> 0) NOT VALID",
+            "orderbook",
+        )
+
+    def refused(quote: dict[str, object]) -> bool:
+        return refuse_every is not None and int(str(quote["timestamp"])) % refuse_every == 0
+
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, pg.url("orderbook"), str(tmp_path), str(seed)],
         stdout=subprocess.PIPE,
@@ -215,22 +230,35 @@ def test_sigkilled_writer_is_replayed_by_the_next_process(
     pg.start()
     settings = pg.settings("orderbook")
 
-    async def replay() -> tuple[Counter[Row], int]:
+    async def replay() -> tuple[Counter[Row], int, list[dead_letters.DeadLetter]]:
         engine = create_engine(settings)
         async with OrderbookRepository(engine, spool_dir=tmp_path) as repo:
-            await repo.flush(timeout_s=60)  # a fresh writer's first flush replays the spool
+            await repo.flush(timeout_s=120)  # a fresh writer's first flush replays the spool
             replayed = repo.stats().rows_replayed
+            letters = dead_letters.read(repo.dead_letter_path)
         await engine.dispose()
-        return await stored_multiset(settings), replayed
+        return await stored_multiset(settings), replayed, letters
 
-    stored, replayed = asyncio.run(replay())
-    total = sum(stored.values())
-    # Everything reported durable is there; the rows are exactly the first `total` the child
-    # made, so nothing is missing in between and nothing is there twice.
-    assert total >= durable
+    stored, replayed, letters = asyncio.run(replay())
+    # Everything reported durable is there: the first `made` quotes the child made, less the
+    # refused ones, so nothing is missing in between and nothing is there twice.
+    walk = QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=seed)
+    made: list[dict[str, object]] = []
+    good = 0
+    while good < sum(stored.values()):
+        made.append(walk.next_quote())
+        good += not refused(made[-1])
+    assert len(made) >= durable
     assert replayed > 0  # (how much the spool held depends on how far the child had got)
-    assert stored == expected(QuoteWalk(("BTCUSDT", "ETHUSDT"), seed=seed).take(total))
+    assert stored == expected(q for q in made if not refused(q))
     assert not list(tmp_path.glob("*/*/*.seg"))
+    dead = as_multiset(tuple(letter.row.values()) for letter in letters)  # type: ignore[misc]
+    # Each refused row among them once; refused rows made after the last stored one may be
+    # dead letters too (their batch got that far), and nothing else.
+    assert dead - expected(q for q in made if refused(q)) <= expected(
+        q for q in walk.take(250) if refused(q)
+    )
+    assert not expected(q for q in made if refused(q)) - dead
 
 
 async def test_a_torn_last_spool_record_is_reported_and_the_rest_replayed(

@@ -43,12 +43,23 @@ class Batch:
     row_list: list[QuoteRow] | None = None  # until encoded
     data: bytes = b""  # COPY text, once encoded (for the spool, or from it)
     spooled: bool = False  # set on the event loop's thread once the spool has it
+    appended: bool = False  # set on the spool thread once appended (it can be asked twice)
+    writing: bool = False  # a write from memory is using the rows
 
     def encoded(self) -> bytes:
-        if not self.data and self.row_list is not None:
+        if not self.data:
+            if self.row_list is None:
+                raise RuntimeError(f"batch {self.batch_id}: its rows were released")
             self.data = encode_copy_text(self.row_list)
             self.row_list = None
         return self.data
+
+    def release_if_spooled(self) -> None:
+        """Drop the rows from memory once the spool has them and no write is reading them:
+        during a long outage, memory holds only what is not yet durable."""
+        if self.spooled and not self.writing:
+            self.row_list = None
+            self.data = b""
 
 
 class BatchBook:
@@ -148,6 +159,7 @@ class BatchBook:
         if batch.spooled:
             return
         batch.spooled = True
+        batch.release_if_spooled()
         self._spooled += batch.rows
         self._in_spool += batch.rows
         self._spool_records += 1
@@ -179,11 +191,18 @@ class BatchBook:
         return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
 
     def _spool_write(self, batch: Batch) -> None:
-        """On the spool thread: encode if needed, append (durable when this returns)."""
+        """On the spool thread: encode if needed, append (durable when this returns).
+
+        A batch can be queued twice (the flusher and a ``flush`` both making it durable); the
+        second finds it appended, its rows perhaps already released, and has nothing to do.
+        """
+        if batch.appended:
+            return
         data = batch.encoded()
         if not self._spool_ok:
             raise SpoolError(f"the spool {self.spool_dir} could not be opened")
         self._spool.append(batch.batch_id, batch.rows, data)
+        batch.appended = True
 
     def _spilled(self, batch: Batch, future: asyncio.Future[None]) -> None:
         self._spills.discard(future)

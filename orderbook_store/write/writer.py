@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -488,8 +488,19 @@ class Writer(WriteAttempts):
 
     async def _write_batch(self, batch: Batch) -> bool:
         """Write one batch from memory; False if the database failed (the caller spools it)."""
-        source = batch.data or stream_copy_text(batch.row_list or [])
-        result = await self._attempt_write(batch.batch_id, batch.rows, source, batch.encoded)
+        source: bytes | AsyncIterator[bytes]
+        if batch.data:
+            source = batch.data
+        elif batch.row_list is not None:
+            source = stream_copy_text(batch.row_list)
+        else:
+            return True  # released: the spool has the rows, and its replay writes them
+        batch.writing = True
+        try:
+            result = await self._attempt_write(batch.batch_id, batch.rows, source, batch.encoded)
+        finally:
+            batch.writing = False
+            batch.release_if_spooled()
         if result is None:
             return False
         if self._committed(batch.batch_id) is not None:
