@@ -493,9 +493,10 @@ class Reader:
         ``"1h"``, ``"1D"``, ``"us"``, ``"1h30min"``), a timedelta or int µs; pandas' calendar
         frequencies (``"M"``, ``"ME"``, ``"Y"``, ``"Q"``, ``"W"``) have no fixed width and
         raise ``InvalidArgument``. Buckets are aligned to the Unix epoch (for widths that
-        divide a day, the same as pandas' default) and labelled by their start. Buckets without quotes are absent, not
-        NaN rows. Columns: bucket, open, high, low, close, last_bid, last_ask, mean_spread,
-        quotes. Values are the exact decimal results rounded once to float64.
+        divide a day, the same as pandas' default) and labelled by their start. Buckets
+        without quotes are absent, not NaN rows. Columns: bucket, open, high, low, close,
+        last_bid, last_ask, mean_spread, quotes. Values are the exact decimal results rounded
+        once to float64.
         """
         checked_symbol = _check_symbol(symbol)
         checked_output = _check_output(output)
