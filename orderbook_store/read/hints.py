@@ -27,30 +27,23 @@ _STORED_SQL = (
 async def warn_other_case(raw: asyncpg.Connection, missing: Iterable[str]) -> None:
     """Warn (``SymbolCaseWarning``, once per read) naming the stored spelling of each symbol
     in ``missing`` that is not stored as given but is in upper or lower case."""
-    names = sorted(set(missing))
     variants = {
         name: sorted({name.upper(), name.lower()} - {name})
-        for name in names
+        for name in sorted(set(missing))
         if len(name) <= SYMBOL_MAX_CHARS
     }
-    asked = sorted({*variants, *(v for spellings in variants.values() for v in spellings)})
     if not any(variants.values()):
         return
+    asked = sorted({*variants, *(v for spellings in variants.values() for v in spellings)})
     stored = {row[0] for row in await raw.fetch(_STORED_SQL, asked)}
-    found = [
-        (name, [v for v in spellings if v in stored])
+    described = [
+        f"{name!r} is stored as {' and '.join(repr(v) for v in spellings if v in stored)}"
         for name, spellings in variants.items()
-        if name not in stored
+        if name not in stored and any(v in stored for v in spellings)
     ]
-    found = [(name, spellings) for name, spellings in found if spellings]
-    if not found:
-        return
-    described = "; ".join(
-        f"{name!r} is stored as {' and '.join(repr(s) for s in spellings)}"
-        for name, spellings in found
-    )
-    warnings.warn(
-        f"no quotes found: {described} (symbols are case-sensitive)",
-        SymbolCaseWarning,
-        stacklevel=2,
-    )
+    if described:
+        warnings.warn(
+            f"no quotes found: {'; '.join(described)} (symbols are case-sensitive)",
+            SymbolCaseWarning,
+            stacklevel=2,
+        )
