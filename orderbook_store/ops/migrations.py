@@ -1,33 +1,30 @@
 """Alembic, driven from Python with the package's ``Settings`` (used by the CLI, demo and tests).
 
-The revisions live in the top-level ``alembic/`` directory beside ``alembic.ini``; ``alembic``
-on the command line and these functions run the very same scripts.
+The revisions ship inside the package (``orderbook_store/migrations``) and Alembic is configured
+here in code, so an installed package (a wheel, ``pip install .``) migrates from any directory
+without an alembic.ini. A checkout's ``alembic.ini`` points ``alembic`` on the command line at
+the same revisions and the same environment.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.errors import ConfigError
+from orderbook_store.migrations import SCRIPT_DIRECTORY
 from orderbook_store.settings import Settings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
 
 
 def alembic_config(settings: Settings | None = None, *, configure_logging: bool = False) -> Config:
-    """An Alembic ``Config`` whose ``env.py`` connects with ``settings``, not alembic.ini."""
-    if not ALEMBIC_INI.is_file():
-        raise ConfigError(
-            f"alembic.ini not found at {ALEMBIC_INI}: install the package from its source tree "
-            "(pip install -e .) so the migrations are available"
-        )
-    config = Config(str(ALEMBIC_INI))
+    """An Alembic ``Config`` for the package's revisions whose ``env.py`` connects with
+    ``settings`` (the environment's ``Settings()`` when None), never with a URL from a file.
+    ``configure_logging`` shows Alembic's progress lines on stderr."""
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_DIRECTORY))
+    config.set_main_option("path_separator", "os")
     config.attributes["settings"] = settings if settings is not None else Settings()
     config.attributes["configure_logging"] = configure_logging
     return config
@@ -56,3 +53,9 @@ def head_revision() -> str | None:
 def current_revision_of(connection: object) -> str | None:
     """The revision a database is at (``None`` when never migrated), from a sync connection."""
     return MigrationContext.configure(connection).get_current_revision()  # type: ignore[arg-type]
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database behind ``engine`` is at (``None`` when never migrated)."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(current_revision_of)

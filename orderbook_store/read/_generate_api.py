@@ -60,7 +60,10 @@ METHODS = {
         exchange: str | None = None,
         output: {out},""",
         call="symbol, start, end, freq, exchange=exchange, output=output",
-        doc="Per bucket of ``freq``: OHLC of the mid, last bid and ask, mean spread, count.",
+        doc="""Per bucket of ``freq``: OHLC of the mid, last bid and ask, mean spread, count.
+        ``freq`` is a fixed width as pandas spells it (``"100ms"``, ``"5s"``, ``"1min"``,
+        ``"1h"``, ``"1D"``), a timedelta or int µs; calendar ones (``"M"``, ``"Y"``...) are
+        refused.""",
     ),
 }
 

@@ -172,6 +172,10 @@ def _check_exchange(exchange: object) -> str | None:
         return None
     if not isinstance(exchange, str) or not exchange or "\x00" in exchange:
         raise InvalidArgument(f"exchange={exchange!r} must be a non-empty string without NUL")
+    try:
+        exchange.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"exchange={exchange!r} is not valid Unicode text") from None
     return exchange
 
 
@@ -180,6 +184,8 @@ def _check_columns(columns: Sequence[str] | None) -> tuple[str, ...]:
         return QUOTE_COLUMNS
     if isinstance(columns, str):
         columns = [columns]
+    if not isinstance(columns, Iterable):
+        raise InvalidArgument(f"columns={columns!r} must be a list of column names")
     chosen = tuple(columns)
     for column in chosen:
         if column not in READ_COLUMNS:

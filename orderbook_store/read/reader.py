@@ -59,6 +59,7 @@ from orderbook_store.read.columns import (
     _take_or_missing,
 )
 from orderbook_store.read.frames import _rows_to_columns, build_frame
+from orderbook_store.read.hints import warn_other_case
 from orderbook_store.read.plan import (
     _BIND_SQL,
     _BOUNDS_SQL,
@@ -76,6 +77,7 @@ from orderbook_store.read.plan import (
     _symbol_list,
     plan_quotes,
 )
+from orderbook_store.read.snapshot import read_snapshot
 from orderbook_store.read.sql import (
     ASOF_SQL,
     LATEST_ALL_SQL,
@@ -154,18 +156,17 @@ class Reader:
         """The decoded columns of a validated range read (see ``quotes``)."""
         blocks: list[_Block] = []
         if plan.symbols:
-            async with self.engine.connect() as conn:
-                raw = await raw_connection(conn)
-                async with raw.transaction(isolation="repeatable_read", readonly=True):
-                    parts, rows = await self._parts(raw, plan)
-                    snapshot = None
-                    self.last_read_connections = 1
-                    if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
-                        snapshot = await _export_snapshot(raw)
-                    if snapshot is not None:
-                        results = await self._copy_parallel(raw, plan, parts, snapshot)
-                    else:
-                        results = [await self._copy_batches(raw, plan, part) for part in parts]
+            async with read_snapshot(self.engine) as raw:
+                parts, rows = await self._parts(raw, plan)
+                snapshot = None
+                self.last_read_connections = 1
+                if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
+                    snapshot = await _export_snapshot(raw)
+                if snapshot is not None:
+                    results = await self._copy_parallel(raw, plan, parts, snapshot)
+                else:
+                    results = [await self._copy_batches(raw, plan, part) for part in parts]
+                await warn_other_case(raw, _empty_symbols(parts, results))
             blocks = [
                 _block_from_batches(plan, part.symbol, batches, check_order=True)
                 for part, batches in zip(parts, results, strict=True)
@@ -314,14 +315,16 @@ class Reader:
         )
         if not plan.symbols:
             return
-        async with self.engine.connect() as conn:
-            raw = await raw_connection(conn)
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                for symbol in plan.symbols:
-                    async for block in self._stream_symbol(raw, plan, symbol, chunk_rows):
-                        yield build_frame(
-                            _merge_blocks(plan, [block]), plan.output, exact=plan.exact
-                        )
+        async with read_snapshot(self.engine) as raw:
+            empty = []
+            for symbol in plan.symbols:
+                found = False
+                async for block in self._stream_symbol(raw, plan, symbol, chunk_rows):
+                    found = True
+                    yield build_frame(_merge_blocks(plan, [block]), plan.output, exact=plan.exact)
+                if not found:
+                    empty.append(symbol)
+            await warn_other_case(raw, empty)
 
     async def _stream_symbol(
         self, raw: asyncpg.Connection, plan: _Plan, symbol: str, chunk_rows: int
@@ -389,13 +392,12 @@ class Reader:
         checked_output = _check_output(output)
         names = None if symbols is None else sorted(set(_symbol_list(symbols)))
         columns = ("id", *QUOTE_COLUMNS)
-        async with self.engine.connect() as conn:
-            raw = await raw_connection(conn)
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                if names is None:
-                    rows = await raw.fetch(LATEST_ALL_SQL)
-                else:
-                    rows = await raw.fetch(LATEST_SOME_SQL, names)
+        async with read_snapshot(self.engine) as raw:
+            if names is None:
+                rows = await raw.fetch(LATEST_ALL_SQL)
+            else:
+                rows = await raw.fetch(LATEST_SOME_SQL, names)
+                await warn_other_case(raw, set(names) - {row["symbol"] for row in rows})
         picked = [dict(r) for r in rows]
         picked.sort(key=lambda r: str(r["symbol"]))
         data = _rows_to_columns(picked, columns, exact)
@@ -422,9 +424,7 @@ class Reader:
         checked_symbol = _check_symbol(symbol)
         checked_output = _check_output(output)
         checked_exchange = _check_exchange(exchange)
-        if isinstance(times, str | dt.date | np.datetime64 | int | np.integer):
-            times = [times]
-        stamps = [to_epoch_us(t, "times") for t in times]
+        stamps = [to_epoch_us(t, "times") for t in _time_list(times)]
         if len(stamps) >= self.asof_range_min_times:
             ranged = await self._asof_by_range(
                 checked_symbol, stamps, checked_exchange, checked_output, exact
@@ -434,10 +434,10 @@ class Reader:
         columns = ("time", *QUOTE_COLUMNS)
         rows: list[Mapping[str, object]] = []
         if stamps:
-            async with self.engine.connect() as conn:
-                raw = await raw_connection(conn)
-                async with raw.transaction(isolation="repeatable_read", readonly=True):
-                    fetched = await raw.fetch(ASOF_SQL, stamps, checked_symbol, checked_exchange)
+            async with read_snapshot(self.engine) as raw:
+                fetched = await raw.fetch(ASOF_SQL, stamps, checked_symbol, checked_exchange)
+                if all(row["id"] is None for row in fetched):
+                    await warn_other_case(raw, [checked_symbol])
             rows = [dict(r) for r in fetched]
         data = _rows_to_columns(rows, columns, exact)
         if "time" in data and not rows:
@@ -454,12 +454,10 @@ class Reader:
     ) -> dict[str, DecodedColumn] | None:
         """As-of by one bounded range read, or None when that range holds too many rows."""
         earliest, latest = min(stamps), max(stamps)
-        async with self.engine.connect() as conn:
-            raw = await raw_connection(conn)
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                in_force = await raw.fetchval(_IN_FORCE_SQL, symbol, earliest, exchange)
-                start = earliest if in_force is None else int(in_force)
-                explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
+        async with read_snapshot(self.engine) as raw:
+            in_force = await raw.fetchval(_IN_FORCE_SQL, symbol, earliest, exchange)
+            start = earliest if in_force is None else int(in_force)
+            explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
         if isinstance(explained, str | bytes):
             explained = json.loads(explained)
         if int(explained[0]["Plan"]["Plan Rows"]) > self.asof_range_rows_per_time * len(stamps):
@@ -491,10 +489,14 @@ class Reader:
         """Per time bucket of width ``freq``: OHLC of the mid price, last bid and ask, mean
         spread and quote count, computed in PostgreSQL.
 
-        Buckets are aligned to the Unix epoch (for widths that divide a day, the same as
-        pandas' default) and labelled by their start. Buckets without quotes are absent, not
-        NaN rows. Columns: bucket, open, high, low, close, last_bid, last_ask, mean_spread,
-        quotes. Values are the exact decimal results rounded once to float64.
+        ``freq`` is a fixed width as pandas spells it (``"100ms"``, ``"5s"``, ``"1min"``,
+        ``"1h"``, ``"1D"``, ``"us"``, ``"1h30min"``), a timedelta or int µs; pandas' calendar
+        frequencies (``"M"``, ``"ME"``, ``"Y"``, ``"Q"``, ``"W"``) have no fixed width and
+        raise ``InvalidArgument``. Buckets are aligned to the Unix epoch (for widths that
+        divide a day, the same as pandas' default) and labelled by their start. Buckets
+        without quotes are absent, not NaN rows. Columns: bucket, open, high, low, close,
+        last_bid, last_ask, mean_spread, quotes. Values are the exact decimal results rounded
+        once to float64.
         """
         checked_symbol = _check_symbol(symbol)
         checked_output = _check_output(output)
@@ -504,17 +506,35 @@ class Reader:
         end_us = to_epoch_us(end, "end")
         if start_us >= end_us:
             raise InvalidArgument(f"start={start!r} must be before end={end!r}")
-        async with self.engine.connect() as conn:
-            raw = await raw_connection(conn)
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
-                rows = await raw.fetch(
-                    RESAMPLE_SQL, checked_symbol, start_us, end_us, width, checked_exchange
-                )
+        async with read_snapshot(self.engine) as raw:
+            rows = await raw.fetch(
+                RESAMPLE_SQL, checked_symbol, start_us, end_us, width, checked_exchange
+            )
+            if not rows:
+                await warn_other_case(raw, [checked_symbol])
         data = _rows_to_columns([dict(r) for r in rows], RESAMPLE_COLUMNS, False)
         for name in RESAMPLE_COLUMNS[1:-1]:
             if len(data[name]) == 0:
                 data[name] = np.zeros(0, dtype=np.float64)
         return build_frame(data, checked_output, exact=False)
+
+
+def _time_list(times: object) -> list[object]:
+    """``times`` as a list: one time (or a value that is not a time, which ``to_epoch_us``
+    then names) becomes a list of one."""
+    if isinstance(times, str | bytes | dt.date | np.datetime64) or not isinstance(times, Iterable):
+        return [times]
+    return list(times)
+
+
+def _empty_symbols(parts: list[_Part], results: list[list[list[DecodedColumn]]]) -> set[str]:
+    """The symbols of a range read that no part found a row for."""
+    found = {
+        part.symbol
+        for part, batches in zip(parts, results, strict=True)
+        if any(len(batch[0]) for batch in batches)
+    }
+    return {part.symbol for part in parts} - found
 
 
 class _suppress_cancel:

@@ -418,7 +418,10 @@ class SyncReads:
         exchange: str | None = None,
         output: Output = "pandas",
     ) -> Frame:
-        """Per bucket of ``freq``: OHLC of the mid, last bid and ask, mean spread, count."""
+        """Per bucket of ``freq``: OHLC of the mid, last bid and ask, mean spread, count.
+        ``freq`` is a fixed width as pandas spells it (``"100ms"``, ``"5s"``, ``"1min"``,
+        ``"1h"``, ``"1D"``), a timedelta or int µs; calendar ones (``"M"``, ``"Y"``...) are
+        refused."""
         return self._call(
             self._async_reads().resample(symbol, start, end, freq, exchange=exchange, output=output)
         )
