@@ -155,6 +155,13 @@ class OrderbookRepository(AsyncReads):
         """The file rows the server refused are kept in (``orderbook_store.write.dead_letters``)."""
         return self._write_path().dead_letter_path
 
+    @property
+    def writer(self) -> Writer:
+        """The buffered writer behind ``add`` (made here if ``add`` has not made it yet), for
+        monitoring: its ``stats()`` and ``commit_times`` (see ``orderbook_store.metrics``).
+        Making it touches neither the database nor the spool."""
+        return self._write_path()
+
     # -- bulk writes ---------------------------------------------------------------------
 
     async def insert_many(self, rows: Iterable[Quote | Mapping[str, Any]]) -> int:

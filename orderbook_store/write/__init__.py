@@ -5,7 +5,7 @@ batches held until committed), ``attempts`` (one write attempt and the retry sch
 ``transactions`` (a batch with its ledger entry), ``careful`` (smaller statements, refused rows
 bisected out), ``failures`` (what a failure means), ``spool``, ``spool_records`` and
 ``spool_dirs`` (batches the database has not taken), ``dead_letters`` (rows it refused),
-``stats`` (what the writer reports).
+``stats`` and ``commit_times`` (what the writer reports; ``orderbook_store.metrics`` exports it).
 
 How a quote travels
     ``add()`` validates the quote (``quote.to_row``, about a microsecond), appends the row to an

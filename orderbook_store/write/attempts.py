@@ -25,6 +25,7 @@ from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
 from orderbook_store.write.batches import BatchBook
 from orderbook_store.write.careful import CopySizer, Refused
+from orderbook_store.write.commit_times import CommitTimes
 from orderbook_store.write.failures import (
     Failure,
     FailureClass,
@@ -79,6 +80,8 @@ class WriteAttempts(BatchBook):
         #: A configuration failure is logged at ERROR when it changes, else once a minute.
         self._config_said = RepeatFilter()
         self._last_prune = float("-inf")
+        #: Latency buckets and the last commit's time, for orderbook_store.metrics.
+        self.commit_times = CommitTimes()
         self._rejected = 0
         self._refused = 0
         self._written = 0
@@ -151,6 +154,7 @@ class WriteAttempts(BatchBook):
             self._wake_all_waiters()  # each flush decides whether to raise
 
     def _succeeded(self) -> None:
+        self.commit_times.committed(self._latencies[-1])  # just appended by _attempt_write
         if self._attempt:
             log.info(
                 "database reachable again after %d failed attempt(s); %d row(s) in the spool "
