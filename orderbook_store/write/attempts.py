@@ -153,8 +153,9 @@ class WriteAttempts(BatchBook):
         if failure.kind is FailureClass.CONFIGURATION:
             self._wake_all_waiters()  # each flush decides whether to raise
 
-    def _succeeded(self) -> None:
-        self.commit_times.committed(self._latencies[-1])  # just appended by _attempt_write
+    def _succeeded(self, latency_s: float) -> None:
+        self._latencies.append(latency_s)
+        self.commit_times.committed(latency_s)
         if self._attempt:
             log.info(
                 "database reachable again after %d failed attempt(s); %d row(s) in the spool "
@@ -207,9 +208,8 @@ class WriteAttempts(BatchBook):
         except Exception as exc:
             self._failed(exc, self._classify(exc))
             return None
-        self._latencies.append(time.perf_counter() - started)
         self._dead_lettered.pop(batch_id, None)
-        self._succeeded()
+        self._succeeded(time.perf_counter() - started)
         if result[0]:
             self._batches += 1
         return result
