@@ -403,6 +403,33 @@ async def test_rows_a_unique_index_refuses_are_dead_lettered_once(
     assert {letter.sqlstate for letter in letters} == {"23505"}
 
 
+async def test_rows_a_deferred_constraint_refuses_at_commit_are_found_too(
+    server: TemporaryPostgres, database: str, tmp_path: Path
+) -> None:
+    """A DEFERRABLE INITIALLY DEFERRED constraint refuses at COMMIT, where no savepoint can
+    set the row aside: the careful pass checks constraints per statement instead."""
+    settings = server.settings(database, spool_dir=tmp_path)
+    await execute(
+        settings,
+        "ALTER TABLE orderbook_data ADD CONSTRAINT one_per_time UNIQUE (symbol, timestamp) "
+        "DEFERRABLE INITIALLY DEFERRED",
+    )
+    added = quotes(1_000)
+    repeats = [added[3], added[600]]
+    engine = create_engine(settings)
+    try:
+        async with OrderbookRepository(engine, batch_size=2_000) as repo:
+            await repo.add_many([*added, *repeats])
+            await repo.flush(timeout_s=30)
+            stats = repo.stats()
+            letters = dead_letters.read(repo.dead_letter_path)
+    finally:
+        await engine.dispose()
+    assert await stored_multiset(settings) == expected(added)
+    assert stats.rows_refused == 2 and stats.retries == 0, stats.last_error
+    assert sorted(letter.row_index for letter in letters) == [1_000, 1_001]
+
+
 # -- batches too big for the server's limits --------------------------------------------
 
 

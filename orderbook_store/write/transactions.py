@@ -88,6 +88,8 @@ async def write_batch_carefully(
                 await timed(transaction.rollback(), 0)
                 return None
             raw = await raw_connection(conn)
+            # A deferred constraint would refuse at COMMIT, where no row can be set aside.
+            await timed(raw.execute("SET CONSTRAINTS ALL IMMEDIATE"), 0)
             refused = await copy_bisecting(raw, lines, sizer, classify, timed)
             if refused:
                 await keep_refused(batch_id, lines, refused)
