@@ -407,3 +407,19 @@ def test_every_command_and_option_is_known_to_these_tests() -> None:
 
     walk(typer.main.get_command(app), "")
     assert found == tested
+
+
+def test_the_import_bar_shows_file_names_as_text() -> None:
+    """On a terminal the bar names the file being read: a name is never read as markup."""
+    import io
+
+    from rich.console import Console
+
+    from orderbook_store.cli.files import _Bar
+
+    screen = io.StringIO()
+    bar = _Bar(Console(file=screen, force_terminal=True, width=120))
+    with bar.progress:
+        bar.file_started("/data/[bold]q[red]2024.csv.gz", 0, 2)
+        bar.progress.refresh()
+    assert "[bold]q[red]2024.csv.gz" in screen.getvalue()
