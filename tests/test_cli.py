@@ -112,6 +112,14 @@ def test_version_and_help(tmp_path: Path) -> None:
     for command in ("upgrade", "stamp", "import", "verify", "export", "doctor", "partitions"):
         assert command in shown
     assert "--debug" in shown and "--version" in shown
+    module = subprocess.run(
+        [sys.executable, "-m", "orderbook_store.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert module.stdout.startswith("orderbook-store ")
 
 
 def test_debug_adds_the_traceback_without_the_password(tmp_path: Path) -> None:
@@ -423,3 +431,18 @@ def test_the_import_bar_shows_file_names_as_text() -> None:
         bar.file_started("/data/[bold]q[red]2024.csv.gz", 0, 2)
         bar.progress.refresh()
     assert "[bold]q[red]2024.csv.gz" in screen.getvalue()
+
+
+def test_a_lost_connection_and_an_unexpected_error_are_one_line_each() -> None:
+    import asyncpg
+    from sqlalchemy.exc import DBAPIError
+
+    from orderbook_store.cli.failures import explain
+
+    lost = DBAPIError("COPY ...", {}, asyncpg.exceptions.ConnectionDoesNotExistError("closed"))
+    assert explain(lost).startswith("the connection to the server was lost (closed)")
+    line = explain(ValueError("something\nunforeseen"))
+    assert line == (
+        "unexpected error (ValueError: something); run again with `orderbook-store --debug "
+        "...` to see where, and report it"
+    )

@@ -131,6 +131,8 @@ def _server(exc: BaseException, state: str, user: str, database: str) -> str:
     said = server_words(exc)
     if state == "42501":
         return f"permission denied for {user!r} ({said}): {_PRIVILEGE_FIX}"
+    if state.startswith("08") or state in ("57P01", "57P02", "57P03"):
+        return f"the connection to the server was lost ({said}): {_CONNECT_FIX}, then run again"
     if state == "55P03":
         return (
             f"{said}: another session holds the lock; run again later (or give "
