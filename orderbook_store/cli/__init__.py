@@ -1,11 +1,12 @@
 """``orderbook-store``: operations on the quote store from the shell.
 
 Every command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``).
-Errors print one line and exit non-zero (``root``: ``--debug`` adds the traceback); secrets and
-server text never reach the output as anything but plain text. The commands live in
+A failure prints one line naming the problem and the fix and exits non-zero (``root`` and
+``failures``; ``--debug`` adds the traceback); no secret reaches the output, and text from the
+server, files or settings is printed as text, never as markup. The commands live in
 ``migrate`` (upgrade, stamp), ``files`` (import, verify, export), ``ops`` (doctor, roles,
 dead-letters) and ``partitions`` (the ``partitions`` group); ``common`` gives each command its
-engine.
+engine and its console.
 """
 
 from __future__ import annotations
