@@ -1,10 +1,11 @@
 """One typed ``Settings`` object for everything that connects to the database.
 
 Values come from, in order of precedence: arguments, ``DB_*`` environment variables, a ``.env``
-file, then ``DATABASE_URL`` (a libpq connection URL, as DigitalOcean hands out) for whatever the
-``DB_*`` variables leave unset, then the production defaults of the original plan (port 25060,
-``sslmode=require``, pool 10, batch 50). The old collector's JSON config is read by
-``Settings.from_json``.
+file, then ``DATABASE_URL`` (a libpq connection URL, as DigitalOcean hands out, read as libpq
+reads it: see ``conninfo``) for whatever the ``DB_*`` variables leave unset, then the production
+defaults of the original plan (port 25060, ``sslmode=require``, pool 10, batch 50). A password
+none of these gives comes from ``PGPASSWORD``, as in psql. The old collector's JSON config is
+read by ``Settings.from_json``.
 
 The password is a ``SecretStr``: it is kept out of ``repr``, URLs, logs and error messages.
 """
@@ -17,12 +18,12 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL
 
+from orderbook_store.conninfo import parse_url, redact_url
 from orderbook_store.errors import ConfigError
 
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
@@ -34,9 +35,6 @@ _ENV_NAMES = {
 }
 
 _SECRET_FIELDS = frozenset({"password", "database_url", "DATABASE_URL", "read_url"})
-
-#: URL parts that a ``DB_*`` variable may override, and the query keys libpq uses for them.
-_URL_QUERY_KEYS = ("sslmode", "sslrootcert", "application_name", "connect_timeout", "host", "port")
 
 
 def _env_name(field: str) -> str:
@@ -95,19 +93,23 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _fill_from_url(cls, data: Any) -> Any:
-        """Take from ``DATABASE_URL`` every part that no ``DB_*`` variable or argument set."""
+        """Take from ``DATABASE_URL`` every part that no ``DB_*`` variable or argument set;
+        the password from ``PGPASSWORD`` when none of them gives one."""
         if not isinstance(data, dict):
             return data
         url = data.get("database_url", data.get("DATABASE_URL"))
         if isinstance(url, SecretStr):
             url = url.get_secret_value()
-        if not url:
-            return data
-        parts = _parse_libpq_url(str(url))
-        # libpq's defaults (sslmode "prefer", port 5432): a URL keeps libpq's meaning.
-        parts.setdefault("sslmode", "prefer")
-        parts.setdefault("port", 5432)
-        return {**parts, **data}
+        if url:
+            parts = parse_url(str(url))
+            # libpq's defaults (sslmode "prefer", port 5432): a URL keeps libpq's meaning.
+            parts.setdefault("sslmode", "prefer")
+            parts.setdefault("port", 5432)
+            data = {**parts, **data}
+        if "password" not in data and os.environ.get("PGPASSWORD"):
+            # libpq's last resort, as psql uses it: no argument, DB_PASSWORD or URL gave one.
+            data = {**data, "password": os.environ["PGPASSWORD"]}
+        return data
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str], **overrides: Any) -> Settings:
@@ -160,18 +162,16 @@ class Settings(BaseSettings):
     def read_settings(self) -> Settings | None:
         """Settings for a read-only node (``DB_READ_URL`` or ``DB_READ_HOST``), if one is set."""
         if self.read_url is not None:
-            update = _parse_libpq_url(self.read_url.get_secret_value())
+            update = parse_url(self.read_url.get_secret_value(), variable="DB_READ_URL")
             update.setdefault("sslmode", self.sslmode)
             update.setdefault("port", 5432)
         elif self.read_host is not None:
             update = {"host": self.read_host}
         else:
             return None
-        if isinstance(update.get("port"), str):
-            update["port"] = int(update["port"])
-        return self.model_copy(
-            update={**update, "read_url": None, "read_host": None, "database_url": None}
-        )
+        # Validated like any settings: the URL's parts are text until then.
+        cleared = {"read_url": None, "read_host": None, "database_url": None}
+        return type(self)(**{**self.model_dump(), **update, **cleared})
 
     # -- what drivers need -------------------------------------------------------------
 
@@ -251,54 +251,9 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
             if key in ("database_url", "read_url") and value is not None:
-                yield key, _redact_url(value.get_secret_value())
+                yield key, redact_url(value.get_secret_value())
             else:
                 yield key, value
-
-
-def _parse_libpq_url(url: str) -> dict[str, Any]:
-    """Split a libpq URL (``postgresql://user:pw@host:port/db?sslmode=...``) into fields."""
-    parsed = urlsplit(url)
-    if parsed.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
-        raise ConfigError(
-            f"DATABASE_URL={_redact_url(url)!r}: scheme must be postgresql:// "
-            f"(got {parsed.scheme!r})"
-        )
-    parts: dict[str, Any] = {}
-    if parsed.hostname:
-        parts["host"] = unquote(parsed.hostname)
-    try:
-        port = parsed.port
-    except ValueError:
-        raise ConfigError(f"DATABASE_URL={_redact_url(url)!r}: the port is not a number") from None
-    if port is not None:
-        parts["port"] = port
-    if parsed.username:
-        parts["user"] = unquote(parsed.username)
-    if parsed.password:
-        parts["password"] = SecretStr(unquote(parsed.password))
-    if parsed.path and parsed.path != "/":
-        parts["name"] = unquote(parsed.path.lstrip("/"))
-    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    for key in _URL_QUERY_KEYS:
-        if key in query:
-            value = query[key]
-            if key == "connect_timeout":
-                parts["connect_timeout_s"] = value
-            elif key == "port":
-                parts["port"] = value
-            else:
-                parts[key] = value
-    return parts
-
-
-def _redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parsed = urlsplit(url)
-    if not parsed.password:
-        return url
-    netloc = parsed.netloc.replace(":" + parsed.password + "@", ":***@", 1)
-    return parsed._replace(netloc=netloc).geturl()
 
 
 def _describe(exc: ValidationError) -> str:

@@ -272,6 +272,7 @@ US_PER_DAY = 86_400_000_000
 EPOCH_DATE = dt.date(1970, 1, 1)
 _AGE = re.compile(r"^\s*(\d+)\s*([dwh])\s*$")
 _AGE_UNITS = {"d": "days", "w": "weeks", "h": "hours"}
+_AGE_MAX = {"d": 36_500, "w": 36_500 // 7, "h": 36_500 * 24}
 
 
 def day_start_us(day: dt.date) -> int:
@@ -298,8 +299,12 @@ def parse_day(value: str, option: str) -> dt.date:
 
 
 def parse_age(value: str, option: str) -> dt.timedelta:
-    """``90d``, ``12w`` or ``36h`` as a ``timedelta``; ``ConfigError`` naming ``option`` else."""
+    """``90d``, ``12w`` or ``36h`` (at most 100 years) as a ``timedelta``; ``ConfigError``
+    naming ``option`` and the value otherwise."""
     match = _AGE.match(value)
     if match is None:
         raise ConfigError(f"{option}={value!r}: write an age like 90d, 12w or 36h")
-    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+    number = int(match.group(1))
+    if number > _AGE_MAX[match.group(2)]:
+        raise ConfigError(f"{option}={value!r}: at most 100 years (36500d)")
+    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: number})

@@ -28,6 +28,7 @@ from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
 from catalog import ORIGINAL_DDL, execute, table_snapshot
+from pgserver import TemporaryPostgres
 
 MakeDb = Callable[[], str]
 
@@ -616,6 +617,32 @@ async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: Ma
         ]
         await fill(url, 1_000, span=10 * DAY_US)  # the backfill goes straight to its days
         assert "orderbook_data_default" not in await where_rows_are(url)
+
+
+@pytest.mark.fault
+def test_ensure_since_years_back_fits_a_small_shared_lock_table() -> None:
+    """Each new partition holds its locks until commit: two years of days in one transaction
+    run a server with a small lock table out of shared memory; ensure takes them in batches."""
+    small = {"max_connections": "10", "max_locks_per_transaction": "10"}
+    with TemporaryPostgres(extra_conf=small) as server:
+        server.create_database("quotes")
+        settings = server.settings("quotes", pool_size=1)
+        migrations.upgrade(settings, "head")
+        today = dt.date(2024, 6, 1)
+
+        async def ensure_since(days: int) -> list[str]:
+            async with engine_on(server.url("quotes")) as engine:
+                result = await partitions.ensure(
+                    engine, ahead=0, today=today, since=today - dt.timedelta(days=days)
+                )
+                return result.created
+
+        created = asyncio.run(ensure_since(730))
+        assert len(created) > 2 * partitions.CREATE_BATCH
+        listed = asyncio.run(partitions_of(server.url("quotes")))
+        days = {part.start.date() for part in listed if part.start is not None}
+        assert {today - dt.timedelta(days=k) for k in range(731)} <= days
+        assert asyncio.run(ensure_since(730)) == []
 
 
 async def test_switching_to_monthly_fills_only_the_gaps_between_daily_partitions(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import psutil
@@ -348,6 +350,73 @@ def test_upgrade_process_output_never_shows_the_password(
     expected = "already exists" if password == PASSWORD else "password authentication failed"
     assert expected in result.stdout + result.stderr
     _no_secret(result.stdout, result.stderr)
+
+
+# -- passwords with reserved characters, in every form libpq knows ------------------------
+
+RESERVED = ["/", "#", "?", "@", "%", ":", "[", "]"]
+
+
+def _clean_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DB_", "PG")) and k != "DATABASE_URL"
+    }
+
+
+async def _logged_in_as(settings: Settings) -> str:
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            return str((await conn.execute(text("SELECT current_user"))).scalar())
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("char", RESERVED, ids=[f"x{ord(c):02x}" for c in RESERVED])
+async def test_a_password_with_a_reserved_character_logs_in_in_every_form(
+    secure: SecureServer, char: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    role = f"obs_reserved_{ord(char):02x}"
+    password = f"Pw{char}{secrets.token_hex(6)}{char}end"
+    wrong = f"Wrong{char}{secrets.token_hex(6)}{char}end"
+    secure.server.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE {APP_USER}")
+    for name in [k for k in os.environ if k.startswith(("DB_", "PG")) or k == "DATABASE_URL"]:
+        monkeypatch.delenv(name)
+    where = f"127.0.0.1:{secure.server.port}/{DB}"
+
+    def forms(secret: str) -> dict[str, str]:
+        encoded = quote(secret, safe="")
+        return {
+            "user:password@": f"postgresql://{role}:{encoded}@{where}?sslmode=disable",
+            "?password=": f"postgresql://{where}?sslmode=disable&user={role}&password={encoded}",
+        }
+
+    for form, url in forms(password).items():
+        assert await _logged_in_as(Settings(database_url=url, pool_size=1)) == role, form
+    bare = f"postgresql://{role}@{where}?sslmode=disable"
+    monkeypatch.setenv("PGPASSWORD", password)
+    assert await _logged_in_as(Settings(database_url=bare, pool_size=1)) == role
+    monkeypatch.setenv("PGPASSWORD", wrong)
+    monkeypatch.setenv("DB_PASSWORD", password)  # DB_PASSWORD beats PGPASSWORD
+    assert await _logged_in_as(Settings(database_url=bare, pool_size=1)) == role
+    monkeypatch.delenv("DB_PASSWORD")
+    monkeypatch.delenv("PGPASSWORD")
+
+    # The command line: the right password logs in, a wrong one is named as such; neither
+    # password appears in anything it prints, even with DEBUG logging on.
+    env = {**_clean_env(), "DB_SPOOL_DIR": str(tmp_path)}
+    for form, url in forms(password).items():
+        result = _cli("orderbook_store.cli", ["doctor", "--json"], {**env, "DATABASE_URL": url})
+        assert json.loads(result.stdout)["checks"][0]["status"] == "ok", (form, result.stdout)
+        assert password not in result.stdout + result.stderr
+    for form, url in forms(wrong).items():
+        result = _cli("orderbook_store.cli", ["upgrade"], {**env, "DATABASE_URL": url})
+        assert result.returncode == 1, form
+        assert "password authentication failed" in result.stderr, (form, result.stderr)
+        assert wrong not in result.stdout + result.stderr
+        assert quote(wrong, safe="") not in result.stdout + result.stderr
 
 
 # -- timeouts and a hung server -------------------------------------------------------------

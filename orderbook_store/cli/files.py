@@ -8,7 +8,9 @@ every file matches the database; ``export`` 0.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.cli.common import run_with_engine
+from orderbook_store.cli.common import run_with_engine, text_console
 from orderbook_store.errors import ConfigError
 from orderbook_store.files.export import export_parquet
 from orderbook_store.files.importers import (
@@ -34,35 +36,59 @@ from orderbook_store.files.importers import (
     import_paths,
     known_formats,
 )
-from orderbook_store.files.importers.verify import VerifySummary, verify_paths
-from orderbook_store.times import iso_us
+from orderbook_store.files.importers.verify import Stats, VerifySummary, verify_paths
+from orderbook_store.quote_checks import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US
+from orderbook_store.times import from_us, iso_us
 
 app = typer.Typer()
 
 
 Paths = Annotated[
     list[Path],
-    typer.Argument(help="Files or directories (walked recursively); plain, .gz or .zip."),
+    typer.Argument(
+        help="Files or directories (walked recursively); plain, .gz or .zip.",
+        exists=True,
+        readable=True,
+    ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table.")]
+JsonFlag = Annotated[
+    bool,
+    typer.Option("--json", help="One JSON object on stdout, for machines (no progress, no table)."),
+]
 Symbol = Annotated[
     str | None,
     typer.Option(help="Symbol for Binance bookTicker CSV files whose name does not carry it."),
 ]
 
 
-def parse_time_us(value: str) -> int:
-    """``2024-01-01``, ``2024-01-01T12:00``, ISO with offset (UTC when none) or integer µs."""
+def parse_time_us(value: str, option: str = "time") -> int:
+    """``2024-01-01``, ``2024-01-01T12:00``, ISO with offset (UTC when none) or integer µs;
+    ``ConfigError`` naming ``option`` and the value otherwise."""
     text = value.strip()
-    if text.isdigit():
-        return int(text)
-    parsed = iso_us(text)
+    parsed = int(text) if text.isascii() and text.isdigit() else iso_us(text)
     if parsed is None:
         raise ConfigError(
-            f"time {value!r}: expected an ISO date or time such as 2024-01-01 or "
+            f"{option}={value!r}: expected an ISO date or time such as 2024-01-01 or "
             "2024-01-01T12:00:00Z, or integer microseconds since the epoch"
         )
+    if not MIN_TIMESTAMP_US <= parsed <= MAX_TIMESTAMP_US:
+        raise ConfigError(
+            f"{option}={value!r}: quotes are stored from 2010-01-01 to 2100-01-01 (UTC) only"
+        )
     return parsed
+
+
+def _time_option(option: str) -> Callable[[str], int]:
+    """A Typer parser: a bad time is a usage error naming ``option``, before connecting."""
+
+    def parse(value: str) -> int:
+        try:
+            return parse_time_us(value, option)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return parse
 
 
 def _iso(timestamp_us: int | None) -> str:
@@ -73,17 +99,18 @@ def _iso(timestamp_us: int | None) -> str:
 
 
 class _Bar:
-    """A rich progress bar: files done of total, rows, rows/s, elapsed."""
+    """A rich progress bar: files done of total, rows, rows/s, elapsed. File names are shown
+    as text (a name like ``q[/x].csv`` is not markup)."""
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", markup=False, style="bold"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("files  {task.fields[rows]:,} rows  {task.fields[rate]:,.0f} rows/s"),
             TimeElapsedColumn(),
             console=console,
-            transient=False,
+            transient=True,  # the table follows; a failure leaves only its one line
         )
         self.task = self.progress.add_task("import", total=None, rows=0, rate=0.0)
         self.rows = 0
@@ -158,6 +185,7 @@ def import_files(
     ] = None,
     symbol: Symbol = None,
     quiet: Quiet = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Import quote files (format detected from content), each exactly once.
 
@@ -165,8 +193,14 @@ def import_files(
     websocket JSON lines, FileStorage daily files, Parquet from `export`. Rerunning is safe:
     files already imported are skipped, an interrupted file is imported whole.
     """
+    if quarantine is not None and not quarantine.parent.is_dir():
+        raise ConfigError(
+            f"--quarantine={str(quarantine)!r}: the directory {str(quarantine.parent)!r} "
+            "does not exist; create it or name a file in an existing one"
+        )
     console = Console(stderr=True)
-    bar = None if quiet else _Bar(console)
+    # A bar only for a terminal: in a log or a pipe it is noise.
+    bar = None if quiet or json_output or not console.is_terminal else _Bar(console)
 
     def run() -> ImportSummary:
         return run_with_engine(
@@ -184,8 +218,10 @@ def import_files(
             summary = run()
     else:
         summary = run()
-    if not quiet:
-        Console(markup=False, highlight=False).print(_import_table(summary))
+    if json_output:
+        typer.echo(json.dumps(_import_json(summary)))
+    elif not quiet:
+        text_console().print(_import_table(summary))
     for result in summary.files:
         if result.status in ("refused", "failed"):
             typer.echo(f"{result.status}: {result.message}", err=True)
@@ -196,6 +232,33 @@ def import_files(
             f"{summary.quarantined:,} lines quarantined in {summary.quarantine_path}", err=True
         )
     raise typer.Exit(summary.exit_code)
+
+
+def _import_json(summary: ImportSummary) -> dict[str, object]:
+    return {
+        "exit_code": summary.exit_code,
+        "imported": summary.count("imported"),
+        "skipped": summary.count("skipped"),
+        "refused": summary.count("refused"),
+        "failed": summary.count("failed"),
+        "rows": summary.rows,
+        "quarantined": summary.quarantined,
+        "quarantine_file": str(summary.quarantine_path) if summary.quarantine_path else None,
+        "seconds": round(summary.seconds, 3),
+        "files": [
+            {
+                "file": result.file,
+                "format": result.format,
+                "status": result.status,
+                "rows": result.rows,
+                "quarantined": result.quarantined,
+                "first_timestamp_us": result.first_timestamp,
+                "last_timestamp_us": result.last_timestamp,
+                "message": result.message,
+            }
+            for result in summary.files
+        ],
+    }
 
 
 def _verify_table(summary: VerifySummary) -> Table:
@@ -228,7 +291,9 @@ def _verify_table(summary: VerifySummary) -> Table:
 
 
 @app.command("verify", help=VERIFY_HELP)
-def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> None:
+def verify_files(
+    paths: Paths, symbol: Symbol = None, quiet: Quiet = False, json_output: JsonFlag = False
+) -> None:
     """Compare files with the database: row count, first/last timestamp, value checksum.
 
     Exit code 1 when any file does not match (or cannot be read), 0 otherwise.
@@ -236,8 +301,10 @@ def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> N
     summary = run_with_engine(
         lambda engine: verify_paths(engine, paths, options=ImportOptions(symbol=symbol))
     )
-    if not quiet:
-        Console(markup=False, highlight=False).print(_verify_table(summary))
+    if json_output:
+        typer.echo(json.dumps(_verify_json(summary)))
+    elif not quiet:
+        text_console().print(_verify_table(summary))
     for check in summary.files:
         if check.status == "refused":
             typer.echo(f"refused: {check.message}", err=True)
@@ -246,29 +313,84 @@ def verify_files(paths: Paths, symbol: Symbol = None, quiet: Quiet = False) -> N
     raise typer.Exit(summary.exit_code)
 
 
+def _stats_json(stats: Stats) -> dict[str, object]:
+    return {
+        "rows": stats.rows,
+        "first_timestamp_us": stats.first,
+        "last_timestamp_us": stats.last,
+        "checksum": str(stats.checksum),  # may pass 2**53: text keeps every digit
+    }
+
+
+def _verify_json(summary: VerifySummary) -> dict[str, object]:
+    return {
+        "ok": summary.exit_code == 0,
+        "files": [
+            {
+                "file": check.file,
+                "format": check.format,
+                "status": check.status,
+                "message": check.message,
+                "groups": [
+                    {
+                        "exchange": group.exchange,
+                        "symbol": group.symbol,
+                        "ok": group.ok,
+                        "file": _stats_json(group.file),
+                        "database": _stats_json(group.database),
+                    }
+                    for group in check.groups
+                ],
+            }
+            for check in summary.files
+        ],
+    }
+
+
 @app.command("export", help=EXPORT_HELP)
 def export_files(
     symbol: Annotated[str, typer.Option(help="Symbol to export, e.g. BTCUSDT.")],
-    start: Annotated[str, typer.Option(help="From (inclusive): ISO date/time, UTC, or µs.")],
-    end: Annotated[str, typer.Option(help="To (exclusive): ISO date/time, UTC, or µs.")],
-    out: Annotated[Path, typer.Option(help="Output directory (hive-partitioned tree).")],
+    start: Annotated[
+        int,
+        typer.Option(
+            help="From (inclusive): ISO date/time, UTC, or µs.",
+            parser=_time_option("--start"),
+            metavar="TIME",
+        ),
+    ],
+    end: Annotated[
+        int,
+        typer.Option(
+            help="To (exclusive): ISO date/time, UTC, or µs.",
+            parser=_time_option("--end"),
+            metavar="TIME",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output directory (hive-partitioned tree).", file_okay=False)
+    ],
     quiet: Quiet = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Export a symbol's quotes to Parquet (zstd): exchange=/symbol=/date= directories.
 
     Timestamps are timestamp[us, UTC], values decimal128(20,8) (exact); `import` reads the
     tree back.
     """
-    start_us, end_us = parse_time_us(start), parse_time_us(end)
+    start_us, end_us = start, end
     if end_us <= start_us:
-        raise ConfigError(f"--end {end!r} must be after --start {start!r}")
+        raise ConfigError(
+            f"--end ({from_us(end_us).isoformat()}) must be after --start "
+            f"({from_us(start_us).isoformat()})"
+        )
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]export"),
         TextColumn("{task.completed:,.0f} rows"),
         TimeElapsedColumn(),
         console=console,
-        disable=quiet,
+        disable=quiet or json_output or not console.is_terminal,
+        transient=True,
     )
     task = progress.add_task("export", total=None)
 
@@ -282,9 +404,16 @@ def export_files(
             on_rows=lambda rows: progress.advance(task, rows),
         )
         progress.stop()
-        if not quiet:
+        if json_output:
+            document = {
+                "rows": summary.rows,
+                "files": [str(path) for path in summary.files],
+                "seconds": round(summary.seconds, 3),
+            }
+            typer.echo(json.dumps(document))
+        elif not quiet:
             rate = summary.rows / summary.seconds if summary.seconds else 0.0
-            Console(markup=False, highlight=False).print(
+            text_console().print(
                 f"exported {summary.rows:,} rows into {len(summary.files)} files under {out} "
                 f"({rate:,.0f} rows/s)"
             )

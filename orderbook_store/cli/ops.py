@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from orderbook_store.cli.common import text_console
 from orderbook_store.ops.doctor import Report
 from orderbook_store.ops.doctor import run as run_doctor
 from orderbook_store.ops.roles import RoleNames, roles_sql
@@ -47,22 +48,27 @@ def doctor(json_output: JsonFlag = False) -> None:
 
 
 def _print_table(report: Report) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"orderbook-store doctor: {report.target}", title_justify="left")
+    # Values come from the server, the settings and the file system (a database named
+    # 'q[/x]'): they are Text, never read as markup; only the status carries a style.
+    table = Table(title=Text(f"orderbook-store doctor: {report.target}"), title_justify="left")
     table.add_column("check")
     table.add_column("status")
     table.add_column("value")
     table.add_column("detail", overflow="fold")
     for check in report.checks:
-        style = _STYLE[check.status]
-        table.add_row(check.name, f"[{style}]{check.status}[/]", check.value, check.detail)
-    console = Console()
-    # Values come from the server and the file system: never let them be read as markup.
+        table.add_row(
+            Text(check.name),
+            Text(check.status, style=_STYLE[check.status]),
+            Text(check.value),
+            Text(check.detail),
+        )
+    console = text_console()
     console.print(table)
     verdict = "all good" if report.ok else "something is wrong (see the failed checks)"
-    console.print(verdict, style=None if report.ok else "bold red", markup=False)
+    console.print(Text(verdict, style="" if report.ok else "bold red"))
 
 
 @app.command()
@@ -99,11 +105,10 @@ def dead_letters(json_output: JsonFlag = False) -> None:
     if json_output:
         typer.echo(json.dumps([asdict(letter) for letter in letters], indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console()
+    console = text_console()
     if letters:
         table = Table(title_justify="left")
         for column in ("time", "sqlstate", "reason", "symbol", "timestamp"):
@@ -118,4 +123,4 @@ def dead_letters(json_output: JsonFlag = False) -> None:
             )
             table.add_row(*(Text(cell) for cell in cells))
         console.print(table)
-    console.print(f"{len(letters)} refused row(s) in {path}", markup=False, highlight=False)
+    console.print(f"{len(letters)} refused row(s) in {path}")

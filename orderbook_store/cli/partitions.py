@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from orderbook_store.cli.common import run_with_engine
+from orderbook_store.cli.common import run_with_engine, text_console
+from orderbook_store.errors import ConfigError
 from orderbook_store.ops import partitions
-from orderbook_store.times import parse_age
+from orderbook_store.quote_checks import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US
+from orderbook_store.times import day_start_us, parse_age, parse_day
 
 app = typer.Typer(
     help="Manage orderbook_data's date partitions: ensure, list, prune.",
@@ -48,37 +49,94 @@ def _day(moment: dt.datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _since_option(value: str) -> dt.date:
+    """``--since``: a date quotes can have; a usage error naming it otherwise."""
+    try:
+        day = parse_day(value, "--since")
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if not MIN_TIMESTAMP_US <= day_start_us(day) < MAX_TIMESTAMP_US:
+        raise typer.BadParameter(
+            f"--since={value!r}: quotes are stored from 2010-01-01 to 2099-12-31 only"
+        )
+    return day
+
+
+def _period_option(value: str) -> str:
+    if value not in partitions.PERIODS:
+        raise typer.BadParameter(
+            f"--period={value!r}: must be one of {', '.join(partitions.PERIODS)}"
+        )
+    return value
+
+
+def _age_option(value: str) -> dt.timedelta:
+    try:
+        return parse_age(value, "--older-than")
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for machines.")]
+
+
 @app.command()
 def ensure(
     ahead: Annotated[
-        int, typer.Option(help="Periods after the current one that must have a partition.")
+        int,
+        typer.Option(
+            help="Periods after the current one that must have a partition.", min=0, max=1000
+        ),
     ] = 7,
     period: Annotated[
         str | None,
-        typer.Option(help="day, week or month (default: the period the table already uses)."),
+        typer.Option(
+            help="day, week or month (default: the period the table already uses).",
+            parser=_period_option,
+        ),
     ] = None,
     since: Annotated[
-        str | None,
+        dt.date | None,
         typer.Option(
-            help="Also every period from this date (YYYY-MM-DD) on: run before importing old data."
+            help="Also every period from this date (YYYY-MM-DD) on: run before importing old data.",
+            parser=_since_option,
+            metavar="YYYY-MM-DD",
         ),
     ] = None,
     lock_timeout: Annotated[
         float | None,
-        typer.Option(help="Give up after waiting this many seconds for the table lock."),
+        typer.Option(
+            help="Give up after waiting this many seconds for the table lock.",
+            min=0.001,
+            max=2_147_483.0,
+        ),
     ] = None,
+    json_output: JsonFlag = False,
 ) -> None:
     """Create the next partitions and move rows out of the default partition (idempotent)."""
     result = run_with_engine(
-        lambda engine: partitions.ensure(engine, ahead, period=period, lock_timeout_s=lock_timeout)
+        lambda engine: partitions.ensure(
+            engine, ahead, period=period, since=since, lock_timeout_s=lock_timeout
+        )
     )
+    if json_output:
+        document = {
+            "period": result.period,
+            "ahead": ahead,
+            "since": since.isoformat() if since else None,
+            "created": result.created,
+            "moved_rows": result.moved_rows,
+        }
+        typer.echo(json.dumps(document))
+        return
     for name in result.created:
         typer.echo(f"created {name}")
     if result.moved_rows:
         typer.echo(f"moved {result.moved_rows} rows out of {partitions.DEFAULT_PARTITION}")
     typer.echo(
-        f"partitions ready ({_ADJECTIVE[result.period]}, {ahead} ahead): "
-        f"{len(result.created)} created, {result.moved_rows} rows moved"
+        f"partitions ready ({_ADJECTIVE[result.period]}, {ahead} ahead"
+        + (f", since {since.isoformat()}" if since else "")
+        + f"): {len(result.created)} created, {result.moved_rows} rows moved"
     )
 
 
@@ -104,7 +162,7 @@ def list_(
                 )
             )
         return
-    table = Table()
+    table = Table()  # names and sizes from the server: printed as text, never markup
     table.add_column("partition", no_wrap=True)
     table.add_column("from (UTC)", no_wrap=True)
     table.add_column("to (UTC, excl.)", no_wrap=True)
@@ -119,27 +177,42 @@ def list_(
             rows,
             _size(part.size_bytes),
         )
-    Console().print(table)
+    text_console().print(table)
 
 
 @app.command()
 def prune(
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Age of the partitions to drop: 90d, 12w, 36h.")
+        dt.timedelta,
+        typer.Option(
+            "--older-than",
+            help="Age of the partitions to drop: 90d, 12w, 36h.",
+            parser=_age_option,
+            metavar="AGE",
+        ),
     ],
     archive: Annotated[
         Path | None,
-        typer.Option(help="Write each partition to Parquet here first (checked, then dropped)."),
+        typer.Option(
+            help="Write each partition to Parquet here first (checked, then dropped).",
+            file_okay=False,
+        ),
     ] = None,
     yes: Annotated[
         bool, typer.Option("--yes", help="Drop without an archive: the rows are gone for good.")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Drop partitions wholly older than --older-than, archiving them to Parquet first."""
-    age = parse_age(older_than, "--older-than")
+    age = older_than
     if dry_run:
-        for part in run_with_engine(lambda engine: partitions.prunable(engine, age)):
+        found = run_with_engine(lambda engine: partitions.prunable(engine, age))
+        if json_output:
+            names = [part.name for part in found]
+            typer.echo(json.dumps({"dry_run": True, "dropped": names, "rows": None}))
+            return
+        for part in found:
             typer.echo(f"would drop {part.name} ({_day(part.start)} .. {_day(part.end)})")
         return
     if archive is None and not yes:
@@ -149,7 +222,17 @@ def prune(
             err=True,
         )
         raise typer.Exit(2)
+    say = (lambda line: typer.echo(line, err=True)) if json_output else typer.echo
     result = run_with_engine(
-        lambda engine: partitions.prune(engine, age, archive, confirm=yes, progress=typer.echo)
+        lambda engine: partitions.prune(engine, age, archive, confirm=yes, progress=say)
     )
+    if json_output:
+        document = {
+            "dry_run": False,
+            "dropped": result.dropped,
+            "rows": result.rows,
+            "files": [str(path) for path in result.files],
+        }
+        typer.echo(json.dumps(document))
+        return
     typer.echo(f"{len(result.dropped)} partitions dropped, {result.rows} rows")

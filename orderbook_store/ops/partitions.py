@@ -313,6 +313,13 @@ def _partition_name(start_us: int, end_us: int, existing: set[str]) -> str:
     return name
 
 
+#: Partitions one transaction creates at most. Each new partition holds about seven locks
+#: (table, TOAST, four indexes) until commit, and the server's shared lock table has room for
+#: only ``max_locks_per_transaction`` x ``max_connections``: a ``since`` years back creates
+#: thousands, which in one transaction fail with "out of shared memory".
+CREATE_BATCH = 50
+
+
 async def ensure(
     engine: AsyncEngine,
     ahead: int = 7,
@@ -330,24 +337,49 @@ async def ensure(
     (that is, what the upgrade chose). ``today`` (UTC) is for tests. ``since`` also creates
     every period from that date on: run it before importing old data, so the rows go straight
     to their partitions instead of through the default one (moving many rows out of the
-    default partition holds the table's lock while they move).
+    default partition holds the table's lock while they move). More than ``CREATE_BATCH``
+    partitions are created ``CREATE_BATCH`` per transaction, oldest first.
     ``lock_timeout_s`` bounds the wait for the table lock (``PartitionError`` past it), so a
     long reader never leaves writers queued behind this run.
     """
     if ahead < 0:
         raise ConfigError(f"ahead={ahead}: must be 0 or more periods")
     today = today if today is not None else dt.datetime.now(dt.timezone.utc).date()
+    chosen = check_period(period) if period is not None else None
+    result: EnsureResult | None = None
+    while True:
+        batch, more = await _ensure_batch(engine, ahead, chosen, today, since, lock_timeout_s)
+        if result is None:
+            result = batch
+        else:
+            result.created.extend(batch.created)
+            result.moved_rows += batch.moved_rows
+        chosen = batch.period
+        if not more:
+            return result
+
+
+async def _ensure_batch(
+    engine: AsyncEngine,
+    ahead: int,
+    period: Period | None,
+    today: dt.date,
+    since: dt.date | None,
+    lock_timeout_s: float | None,
+) -> tuple[EnsureResult, bool]:
+    """One transaction of ``ensure``: up to ``CREATE_BATCH`` partitions, with the default
+    partition's rows that belong in them; True when more remain to create."""
     async with engine.begin() as conn:
         if lock_timeout_s is not None:
             await conn.execute(text(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"))
         await _locked(conn, f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})", lock_timeout_s)
         partitions = await _partitions(conn, sizes=False)
-        chosen = check_period(period) if period is not None else infer_period(partitions)
+        chosen = period if period is not None else infer_period(partitions)
         result = EnsureResult(period=chosen)
         has_default = await _has_default(conn)
         default_days = await _default_days(conn) if has_default else []
         if not _plan(partitions, chosen, today, ahead, default_days, since):
-            return result
+            return result, False
 
         # Work to do: from here on, writers wait until commit (they never see a half state).
         # ONLY: the parent's lock is what every insert and query through it needs first.
@@ -355,7 +387,8 @@ async def ensure(
         # Re-read under the lock: this is the truth now.
         partitions = await _partitions(conn, sizes=False)
         default_days = await _default_days(conn) if has_default else []
-        ranges = _plan(partitions, chosen, today, ahead, default_days, since)
+        planned = _plan(partitions, chosen, today, ahead, default_days, since)
+        ranges = planned[:CREATE_BATCH]
 
         columns = ", ".join(f'"{c}"' for c in TABLE_COLUMNS)
         moving = bool(default_days) and bool(ranges)
@@ -387,7 +420,7 @@ async def ensure(
             await conn.execute(
                 text(f"INSERT INTO {TABLE} ({columns}) SELECT {columns} FROM orderbook_data_moving")
             )
-        return result
+        return result, len(planned) > len(ranges)
 
 
 async def _locked(conn: AsyncConnection, statement: str, lock_timeout_s: float | None) -> None:
