@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -186,16 +187,19 @@ async def test_downgrade_to_the_plain_table_then_upgrade_again_loses_nothing(
     settings = Settings(database_url=url)
     await fill(url, 50_000)
     migrations.upgrade(settings, "head")
-    # rows in a daily partition and in the default partition too
+    # rows in a daily partition (the history reaches to the upgrade's day at most, or the next
+    # one within its last hour) and in the default partition too
     await execute(
         url,
         "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp, ask_price) VALUES "
-        "('BTCUSDT', (extract(epoch FROM now()) * 1000000)::bigint, 1704067200000000, 1),"
+        "('BTCUSDT', (extract(epoch FROM now() + interval '2 days') * 1000000)::bigint, "
+        "1704067200000000, 1),"
         "('ETHUSDT', 1262304000000000, 1262304000000000, 2)",
     )
+    in_two_days = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)
     assert set(await where_rows_are(url)) == {
         "orderbook_data_history",
-        f"orderbook_data_p{dt.datetime.now(dt.timezone.utc):%Y%m%d}",
+        f"orderbook_data_p{in_two_days:%Y%m%d}",
         "orderbook_data_default",
     }
     at_head_sum = await checksum(url)
@@ -602,6 +606,47 @@ async def test_upgrade_while_a_writer_streams_loses_nothing(make_database: MakeD
         await repo.flush()
     stored = await fetch(url, "SELECT count(*), count(DISTINCT id), max(id) FROM orderbook_data")
     assert tuple(stored[0]) == (100_000 + added, 100_000 + added, 100_000 + added)
+    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"
+
+
+@pytest.mark.slow
+async def test_upgrade_of_millions_of_rows_never_stalls_a_writer_half_a_second(
+    make_database: MakeDb,
+) -> None:
+    """The range is proven while writers carry on; the exclusive lock covers only renames
+    and the attach. A probe inserts every 20 ms through the upgrade of a 6M-row table, whose
+    validation alone takes over a second: no insert waits 0.5 s, and every row is there after."""
+    url = await at_head(make_database, "0003")
+    for month in range(2):  # at 6M rows the old upgrade held writers for over a second
+        await fill(url, 3_000_000, start=JAN_1_2024 + month * 30 * DAY_US)
+    await fetch(url, "ANALYZE orderbook_data")
+    before = (await fetch(url, "SELECT count(*), sum(id) FROM orderbook_data"))[0]
+    probe = await asyncpg.connect(url)
+    waits: list[float] = []
+    try:
+        upgrading = asyncio.create_task(
+            asyncio.to_thread(migrations.upgrade, Settings(database_url=url), "head")
+        )
+        while not upgrading.done():
+            started = time.perf_counter()
+            await probe.execute(
+                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+                "VALUES ('PROBEUSDT', $1, $1)",
+                JAN_1_2024 + 5 * DAY_US + len(waits),
+            )
+            waits.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+        await upgrading
+    finally:
+        await probe.close()
+    assert len(waits) > 20, "the upgrade was too quick to tell"
+    assert max(waits) < 0.5, f"a writer waited {max(waits):.2f} s"
+    after = await fetch(
+        url, "SELECT count(*), sum(id) FROM orderbook_data WHERE symbol <> 'PROBEUSDT'"
+    )
+    assert tuple(after[0]) == tuple(before)
+    probes = await fetch(url, "SELECT count(*) FROM orderbook_data WHERE symbol = 'PROBEUSDT'")
+    assert probes[0][0] == len(waits)
     assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"
 
 

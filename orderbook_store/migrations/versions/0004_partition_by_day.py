@@ -3,29 +3,35 @@
 The table becomes ``PARTITION BY RANGE (timestamp)`` (integer microseconds, UTC) without
 rewriting a row:
 
-0. the unique index on ``(id, timestamp)`` that PostgreSQL requires (the partition key must be
-   in every unique key) is built ``CONCURRENTLY``, outside the transaction, while writers carry
-   on; it is the only index built. Then, in one transaction holding the table's lock:
+0. while writers carry on, each step its own short transaction: the unique index on
+   ``(id, timestamp)`` that PostgreSQL requires (the partition key must be in every unique key)
+   is built ``CONCURRENTLY``, the only index built; a ``CHECK`` on the period-aligned range of
+   the timestamps (bounds found by two index probes per symbol; the range reaches a period past
+   the newest row or the hour to come, whichever is later, so the live collector's rows meet
+   it) is added ``NOT VALID`` (a brief lock, taken with a short ``lock_timeout`` and retried)
+   and validated, which takes only SHARE UPDATE EXCLUSIVE: inserts go on during the scan,
+   and the CHECK holds every row from then on. Then, in one short transaction holding the
+   table's lock:
 1. the old table is renamed ``orderbook_data_history``; its indexes are renamed
    (``idx_orderbook_symbol_history``, ...) so the parent can take their names; its primary key
    ``(id)`` is replaced by ``(id, timestamp)`` using the index from step 0;
-2. a ``CHECK`` on the period-aligned range of its timestamps (bounds found by two index probes
-   per symbol) is added ``NOT VALID`` then validated (one read-only scan), so
-   ``ATTACH PARTITION`` finds the range already proven and skips its own scan;
-3. the partitioned parent takes the old name, the columns, the ``id`` sequence (ids continue),
+2. the partitioned parent takes the old name, the columns, the ``id`` sequence (ids continue),
    the primary key ``(id, timestamp)`` and the three index names; the old table is attached as
-   the one historical partition (its existing indexes are adopted, not rebuilt), partitions for
-   the current period and the next seven are created, and a ``DEFAULT`` partition catches rows
-   outside every range, so a writer never fails for a missing partition.
+   the one historical partition (the valid CHECK proves its range, so ``ATTACH`` skips its
+   scan, and its indexes are adopted, not rebuilt), partitions for the current period and the
+   next seven are created, and a ``DEFAULT`` partition catches rows outside every range, so a
+   writer never fails for a missing partition.
 
 The historical partition's range is aligned to whole periods, so rows later written into it
 (the rest of the day the upgrade ran, or late data for an old day) are routed there, as they
 belong; it is pruned once all of it is older than the cutoff. An empty table is simply replaced.
 
 The period comes from ``alembic -x period=week`` or ``DB_PARTITION_PERIOD`` (``day``, ``week``
-or ``month``; default ``day``), read at upgrade time. Writers wait (they do not fail) while the
-transaction holds the lock: about one sequential read of the table (the ``VALIDATE``). Offline
-(``--sql``) the index is built inside the transaction instead.
+or ``month``; default ``day``), read at upgrade time. Writers wait (they do not fail) only while
+the last transaction holds the lock, a fraction of a second whatever the table's size. A row
+older than the oldest stored one written during the validation is refused by the CHECK (the
+writer dead-letters it). Offline (``--sql``), or when the table was empty at step 0, the index
+is built and the range proven inside the locked transaction instead.
 
 The downgrade copies every row, with its id, back into a plain table of exactly revision
 0001's shape.
@@ -38,10 +44,13 @@ Create Date: 2026-11-25
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import context, op
+
+from orderbook_store.write.failures import sqlstate_of
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -137,17 +146,82 @@ $names$
 """
 
 
+#: The stored timestamps' bounds, one index probe pair per symbol (no full scan).
+STORED_BOUNDS = """
+WITH RECURSIVE symbols(symbol) AS (
+    (SELECT symbol FROM {table} ORDER BY symbol LIMIT 1)
+    UNION ALL
+    SELECT (SELECT h.symbol FROM {table} h
+            WHERE h.symbol > s.symbol ORDER BY h.symbol LIMIT 1)
+    FROM symbols s WHERE s.symbol IS NOT NULL
+)
+SELECT min(r.lo), max(r.hi)
+FROM symbols s
+CROSS JOIN LATERAL (
+    SELECT min(h."timestamp") AS lo, max(h."timestamp") AS hi
+    FROM {table} h WHERE h.symbol = s.symbol
+) r
+WHERE s.symbol IS NOT NULL
+"""
+
+#: The range CHECK proven while writers carry on: it ends a period after the newest row or the
+#: hour to come, whichever is later, so the live collector's rows meet it while it is checked.
+RANGE_CHECK = "orderbook_data_history_range"
+#: Waits for the brief lock that adds the CHECK (a writer queues behind a waiting request).
+ADD_CHECK_LOCK_TIMEOUT = "300ms"
+
+
+def _prove_range_online(unit: str, step: str) -> tuple[int, int] | None:
+    """Add the history's range CHECK ``NOT VALID`` and validate it outside the exclusive lock
+    (``VALIDATE`` takes only SHARE UPDATE EXCLUSIVE: inserts go on). Returns the range, or
+    None for an empty table. Runs in autocommit: each step its own short transaction."""
+    bind = op.get_bind()
+    found = bind.execute(sa.text(STORED_BOUNDS.format(table="orderbook_data"))).first()
+    if found is None or found[0] is None:
+        return None
+    trunc_lo = f"date_trunc('{unit}', {TS.format(':lo')})"
+    newest = f"greatest({TS.format(':hi')}, now() AT TIME ZONE 'UTC' + interval '1 hour')"
+    trunc_hi = f"date_trunc('{unit}', {newest}) + interval '{step}'"
+    lo, hi = bind.execute(
+        sa.text(f"SELECT {US.format(trunc_lo)}, {US.format(trunc_hi)}"),
+        {"lo": found[0], "hi": found[1]},
+    ).one()
+    bind.execute(sa.text(f"ALTER TABLE orderbook_data DROP CONSTRAINT IF EXISTS {RANGE_CHECK}"))
+    bind.execute(sa.text(f"SET lock_timeout = '{ADD_CHECK_LOCK_TIMEOUT}'"))
+    try:
+        for attempt in range(100):
+            try:
+                bind.execute(
+                    sa.text(
+                        f"ALTER TABLE orderbook_data ADD CONSTRAINT {RANGE_CHECK} "
+                        f'CHECK ("timestamp" >= {int(lo)} AND "timestamp" < {int(hi)}) NOT VALID'
+                    )
+                )
+                break
+            except sa.exc.DBAPIError as exc:
+                if sqlstate_of(exc) != "55P03" or attempt == 99:
+                    raise
+                time.sleep(0.2)  # lock_timeout: let the writers queued behind it go first
+    finally:
+        bind.execute(sa.text("RESET lock_timeout"))
+    bind.execute(sa.text(f"ALTER TABLE orderbook_data VALIDATE CONSTRAINT {RANGE_CHECK}"))
+    return int(lo), int(hi)
+
+
 def upgrade() -> None:
     unit, step = _period()
     key_index_built = False
+    proven: tuple[int, int] | None = None
     if not context.is_offline_mode():
-        # The one index this upgrade must build, built while writers carry on (CONCURRENTLY
-        # cannot run inside a transaction). A leftover of an interrupted attempt is replaced.
+        # The one index this upgrade must build, and the proof of the history's range, both
+        # while writers carry on (CONCURRENTLY cannot run inside a transaction). A leftover of
+        # an interrupted attempt is replaced.
         with op.get_context().autocommit_block():
             op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {KEY_INDEX}")
             op.execute(
                 f'CREATE UNIQUE INDEX CONCURRENTLY {KEY_INDEX} ON orderbook_data (id, "timestamp")'
             )
+            proven = _prove_range_online(unit, step)
         key_index_built = True
 
     op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
@@ -173,8 +247,23 @@ def upgrade() -> None:
     for name, columns in INDEXES.items():
         op.create_index(name, "orderbook_data", list(columns))
 
-    lo_ts = TS.format("lo")
-    hi_ts = TS.format("hi")
+    if proven is not None:
+        # Proven above while writers carried on; the CHECK has held every row since.
+        find_range = f"lo := {proven[0]}; hi := {proven[1]};"
+    else:
+        # Offline, or a table that was empty a moment ago: prove it here, under the lock.
+        lo_ts = TS.format("lo")
+        hi_ts = TS.format("hi")
+        find_range = f"""
+    {STORED_BOUNDS.format(table="orderbook_data_history").strip()} INTO lo, hi;
+    IF lo IS NOT NULL THEN
+        lo := {US.format(f"date_trunc('{unit}', {lo_ts})")};
+        hi := {US.format(f"date_trunc('{unit}', {hi_ts}) + interval '{step}'")};
+        EXECUTE format(
+            'ALTER TABLE orderbook_data_history ADD CONSTRAINT {RANGE_CHECK} '
+            'CHECK ("timestamp" >= %s AND "timestamp" < %s) NOT VALID', lo, hi);
+        ALTER TABLE orderbook_data_history VALIDATE CONSTRAINT {RANGE_CHECK};
+    END IF;"""
     op.execute(
         f"""
 DO $partition$
@@ -185,35 +274,16 @@ DECLARE
     a bigint;
     b bigint;
 BEGIN
-    -- Bounds of the stored timestamps, one index probe pair per symbol (no full scan).
-    WITH RECURSIVE symbols(symbol) AS (
-        (SELECT symbol FROM orderbook_data_history ORDER BY symbol LIMIT 1)
-        UNION ALL
-        SELECT (SELECT h.symbol FROM orderbook_data_history h
-                WHERE h.symbol > s.symbol ORDER BY h.symbol LIMIT 1)
-        FROM symbols s WHERE s.symbol IS NOT NULL
-    )
-    SELECT min(r.lo), max(r.hi) INTO lo, hi
-    FROM symbols s
-    CROSS JOIN LATERAL (
-        SELECT min(h."timestamp") AS lo, max(h."timestamp") AS hi
-        FROM orderbook_data_history h WHERE h.symbol = s.symbol
-    ) r
-    WHERE s.symbol IS NOT NULL;
+    {find_range}
 
     IF lo IS NULL THEN
         DROP TABLE orderbook_data_history;
     ELSE
-        lo := {US.format(f"date_trunc('{unit}', {lo_ts})")};
-        hi := {US.format(f"date_trunc('{unit}', {hi_ts}) + interval '{step}'")};
-        EXECUTE format(
-            'ALTER TABLE orderbook_data_history ADD CONSTRAINT orderbook_data_history_range '
-            'CHECK ("timestamp" >= %s AND "timestamp" < %s) NOT VALID', lo, hi);
-        ALTER TABLE orderbook_data_history VALIDATE CONSTRAINT orderbook_data_history_range;
+        -- The valid CHECK proves the range: ATTACH skips its own scan.
         EXECUTE format(
             'ALTER TABLE orderbook_data ATTACH PARTITION orderbook_data_history '
             'FOR VALUES FROM (%s) TO (%s)', lo, hi);
-        ALTER TABLE orderbook_data_history DROP CONSTRAINT orderbook_data_history_range;
+        ALTER TABLE orderbook_data_history DROP CONSTRAINT {RANGE_CHECK};
     END IF;
 
     period_start := date_trunc('{unit}', now() AT TIME ZONE 'UTC');
