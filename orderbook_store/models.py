@@ -75,8 +75,8 @@ class OrderbookData(Base):
 
     __table_args__ = (
         Index("idx_orderbook_symbol_timestamp", "symbol", "timestamp"),
-        Index("idx_orderbook_created_at", "created_at"),
-        Index("idx_orderbook_symbol", "symbol"),
+        # created_at follows insert order: a BRIN is a few bytes per 128 pages (revision 0005).
+        Index("idx_orderbook_created_at", "created_at", postgresql_using="brin"),
         {"postgresql_partition_by": "RANGE (timestamp)"},
     )
 

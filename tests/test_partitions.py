@@ -33,6 +33,9 @@ from pgserver import TemporaryPostgres
 
 MakeDb = Callable[[], str]
 
+#: The newest revision: what a database upgraded without a target is at.
+HEAD = migrations.head_revision()
+
 PROJECT = Path(__file__).resolve().parent.parent
 DAY_US = 86_400_000_000
 JAN_1_2024 = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z, µs
@@ -129,7 +132,7 @@ async def test_upgrade_of_a_million_rows_keeps_every_value_and_id(make_database:
     async with engine_on(url) as engine:
         read_before = await Reader(engine).quotes(["BTCUSDT", "SOLUSDT"], *day, exact=True)
 
-    migrations.upgrade(settings, "head")
+    migrations.upgrade(settings, "0004")
 
     after = await checksum(url)
     assert after == before
@@ -178,6 +181,65 @@ async def test_upgrade_of_a_million_rows_keeps_every_value_and_id(make_database:
             await repo.flush()
     new_ids = await fetch(url, "SELECT id FROM orderbook_data WHERE id > 1000000 ORDER BY id")
     assert [r[0] for r in new_ids] == [1_000_001, 1_000_002]
+
+
+INDEX_SHAPES_SQL = """
+SELECT x.indexrelid::regclass::text, pg_get_indexdef(x.indexrelid)
+FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid
+WHERE t.relname LIKE 'orderbook_data%' AND t.relname NOT LIKE 'orderbook_data_upgrade%'
+ORDER BY 1
+"""
+
+SIZE_SQL = """
+SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits
+WHERE inhparent = 'orderbook_data'::regclass
+"""
+
+
+async def test_revision_0005_makes_the_indexes_leaner_and_its_downgrade_restores_them(
+    make_database: MakeDb,
+) -> None:
+    url = await at_head(make_database, "0003")
+    settings = Settings(database_url=url)
+    await fill(url, 300_000)
+    migrations.upgrade(settings, "0004")
+    await execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+        "SELECT 'BTCUSDT', (extract(epoch FROM now()) * 1000000)::bigint + g, 1 "
+        "FROM generate_series(1, 1000) g",
+    )  # rows in a daily partition too
+    at_0004 = [tuple(r) for r in await fetch(url, INDEX_SHAPES_SQL)]
+    before, size_before = await checksum(url), (await fetch(url, SIZE_SQL))[0][0]
+
+    migrations.upgrade(settings, "0005")
+    shapes = dict(tuple(r) for r in await fetch(url, INDEX_SHAPES_SQL))  # type: ignore[misc]
+    assert not [
+        name
+        for name in shapes
+        if name.startswith("idx_orderbook_symbol_") and "timestamp" not in name
+    ]
+    assert "idx_orderbook_symbol" not in shapes
+    brins = {name for name, definition in shapes.items() if "USING brin (created_at)" in definition}
+    partitions = await partitions_of(url)
+    assert brins == {"idx_orderbook_created_at"} | {
+        f"idx_orderbook_created_at_{p.name.removeprefix('orderbook_data_')}" for p in partitions
+    }
+    assert not [d for d in shapes.values() if "btree (created_at)" in d]
+    assert await checksum(url) == before
+    assert (await fetch(url, SIZE_SQL))[0][0] < size_before
+    # Symbol-only lookups (the distinct-symbol skip scan) use the composite index.
+    plan = await fetch(
+        url,
+        "EXPLAIN SELECT symbol FROM orderbook_data WHERE symbol > 'BNBUSDT' "
+        "ORDER BY symbol, timestamp LIMIT 1",
+    )
+    text = "\n".join(r[0] for r in plan)
+    assert "idx_orderbook_symbol_timestamp" in text and "Seq Scan" not in text
+
+    migrations.downgrade(settings, "0004")
+    assert [tuple(r) for r in await fetch(url, INDEX_SHAPES_SQL)] == at_0004
+    assert await checksum(url) == before
 
 
 async def test_downgrade_to_the_plain_table_then_upgrade_again_loses_nothing(
@@ -606,7 +668,7 @@ async def test_upgrade_while_a_writer_streams_loses_nothing(make_database: MakeD
         await repo.flush()
     stored = await fetch(url, "SELECT count(*), count(DISTINCT id), max(id) FROM orderbook_data")
     assert tuple(stored[0]) == (100_000 + added, 100_000 + added, 100_000 + added)
-    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"
+    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
 
 
 @pytest.mark.slow
@@ -647,7 +709,7 @@ async def test_upgrade_of_millions_of_rows_never_stalls_a_writer_half_a_second(
     assert tuple(after[0]) == tuple(before)
     probes = await fetch(url, "SELECT count(*) FROM orderbook_data WHERE symbol = 'PROBEUSDT'")
     assert probes[0][0] == len(waits)
-    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == "0004"
+    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
 
 
 async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: MakeDb) -> None:
