@@ -168,12 +168,13 @@ async def planned_for_bulk(raw: asyncpg.Connection) -> AsyncIterator[None]:
     """Hash joins and no JIT for the statements inside (this transaction's settings restored).
 
     The joins here match every row of one side; with statistics that lag behind a bulk load
-    (a partition filled moments ago reads as empty) the planner would pick a nested loop and
-    compare every pair, whereas a hash join costs the same whatever the estimates. The
-    estimates that disabling nested loops inflates would also start JIT compilation, which
+    (a partition filled moments ago reads as empty) the planner would pick a nested loop, or
+    a merge join on one key column with the rest as a filter, and compare nearly every pair,
+    whereas a hash join on every key column costs the same whatever the estimates. The
+    estimates that disabling the others inflates would also start JIT compilation, which
     costs more than it saves here.
     """
-    settings = ("enable_nestloop", "jit")
+    settings = ("enable_nestloop", "enable_mergejoin", "jit")
     before = [await raw.fetchval("SELECT current_setting($1)", name) for name in settings]
     for name in settings:
         await raw.execute("SELECT set_config($1, 'off', true)", name)
