@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.files.export import export_parquet
 from orderbook_store.files.importers import import_paths
+from orderbook_store.files.importers.dedupe import LeafPartition, partitions_for
 from orderbook_store.files.importers.verify import verify_paths
 from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.repository import OrderbookRepository
@@ -277,6 +278,28 @@ async def test_values_are_compared_as_the_table_stores_them(
     assert Counter(await table_rows(engine)) == Counter(as_rows([*stored, different]))
 
 
+async def test_a_stored_row_without_created_at_is_still_recognised(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    quotes = walk(3, seed=9)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"INSERT INTO orderbook_data ({', '.join(QUOTE_COLUMNS)}, created_at) "
+                "VALUES (:exchange, :symbol, :timestamp, :local_timestamp, "
+                "CAST(:ask_amount AS numeric), CAST(:ask_price AS numeric), "
+                "CAST(:bid_price AS numeric), CAST(:bid_amount AS numeric), NULL)"
+            ),
+            quotes[1],
+        )
+    path = write_quotes(tmp_path / "three.csv", quotes)
+
+    summary = await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
+
+    assert (summary.rows, summary.duplicates) == (2, 1)
+    assert Counter(await table_rows(engine)) == Counter(as_rows(quotes))
+
+
 async def test_an_import_waits_for_a_writer_of_the_same_partition_and_skips_its_rows(
     engine: AsyncEngine, settings: Settings, tmp_path: Path
 ) -> None:
@@ -400,3 +423,47 @@ async def test_a_killed_import_rerun_stores_everything_exactly_once(
     again = await import_paths(engine, [path], quarantine=tmp_path / "q.csv")
     assert [f.status for f in again.files] == ["skipped"]
     assert len(await table_rows(engine)) == 400_000
+
+
+def test_only_the_partitions_of_a_block_are_locked() -> None:
+    day = US_PER_DAY
+    parts = [
+        LeafPartition("p1", 10 * day, 11 * day),
+        LeafPartition("p2", 11 * day, 12 * day),
+        LeafPartition("p_default", None, None, default=True),
+    ]
+
+    assert partitions_for(parts, 10 * day + 5, 11 * day - 1) == ["p1"]
+    assert partitions_for(parts, 11 * day - 1, 11 * day) == ["p1", "p2"]
+    assert partitions_for(parts, 3 * day, 3 * day + 9) == ["p_default"]
+    assert partitions_for(parts, 11 * day, 12 * day) == ["p2", "p_default"]
+    # A table without partitions (before revision 0004) is locked whole.
+    assert partitions_for([LeafPartition("orderbook_data", None, None)], 0, 1) == ["orderbook_data"]
+
+
+@pytest.mark.slow
+async def test_the_writer_of_today_does_not_wait_for_an_import_of_other_days(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    path = write_quotes(tmp_path / "old.csv.gz", walk(600_000, seed=61))  # January 2024
+    importing = asyncio.create_task(import_paths(engine, [path], quarantine=tmp_path / "q.csv"))
+    deadline = time.monotonic() + 120
+    while await _copy_in_progress(engine) < 20_000:
+        assert not importing.done(), "the import finished before the writer wrote"
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    now_us = int(time.time() * 1_000_000)
+    today = walk(10, seed=62, start_us=now_us)
+
+    started = time.monotonic()
+    async with OrderbookRepository(engine) as repo:
+        await repo.add_many(today)
+        await repo.flush(timeout_s=30)
+    waited = time.monotonic() - started
+    still_importing = not importing.done()
+
+    summary = await asyncio.wait_for(importing, 120)
+    assert still_importing, "the import ended first: nothing was shown"
+    assert waited < 2, f"the writer waited {waited:.1f} s"
+    assert summary.rows == 600_000
+    assert len(await table_rows(engine)) == 600_010

@@ -70,8 +70,9 @@ _COLUMNS: Final = ", ".join(f'"{name}"' for name in QUOTE_COLUMNS)
 _NULLABLE: Final = tuple(c.name for c in OrderbookData.__table__.columns if c.nullable)
 _BOUND: Final = re.compile(r"^FOR VALUES FROM \('(-?\d+)'\) TO \('(-?\d+)'\)$")
 
-#: Rows this transaction wrote (see the module docstring for why both conditions).
-OURS: Final = "(xmin = pg_current_xact_id()::xid AND created_at = LOCALTIMESTAMP)"
+#: Rows this transaction did not write (see the module docstring for why both conditions);
+#: ``IS NOT TRUE`` keeps rows whose ``created_at`` is NULL, which are someone else's.
+NOT_OURS: Final = "(xmin = pg_current_xact_id()::xid AND created_at = LOCALTIMESTAMP) IS NOT TRUE"
 
 
 def same_quote(left: str, right: str) -> str:
@@ -148,7 +149,7 @@ def final_insert_sql(where: str) -> str:
         WITH stored AS (
             SELECT {_COLUMNS}, count(*) AS copies
             FROM {_TABLE}
-            WHERE ({where}) AND NOT {OURS}
+            WHERE ({where}) AND {NOT_OURS}
             GROUP BY {_COLUMNS}
         ), incoming AS (
             SELECT {_COLUMNS}, count(*) AS copies, min(ordinal) AS first
@@ -185,14 +186,16 @@ async def planned_for_bulk(raw: asyncpg.Connection) -> AsyncIterator[None]:
 
 
 @dataclass(frozen=True)
-class _Partition:
+class LeafPartition:
+    """A table rows are stored in: a partition of ``orderbook_data`` (or the table itself)."""
+
     name: str
     start_us: int | None  # None: the default partition, or a bound this module cannot read
     end_us: int | None
     default: bool = False
 
 
-async def _partitions(raw: asyncpg.Connection) -> list[_Partition]:
+async def _partitions(raw: asyncpg.Connection) -> list[LeafPartition]:
     """The leaves under ``orderbook_data`` (itself, when it is not partitioned)."""
     rows = await raw.fetch(
         """
@@ -208,13 +211,13 @@ async def _partitions(raw: asyncpg.Connection) -> list[_Partition]:
         bound = row["bound"] or ""
         match = _BOUND.match(bound) if row["level"] == 1 else None
         if match:
-            found.append(_Partition(row["name"], int(match[1]), int(match[2])))
+            found.append(LeafPartition(row["name"], int(match[1]), int(match[2])))
         else:
-            found.append(_Partition(row["name"], None, None, default=bound == "DEFAULT"))
+            found.append(LeafPartition(row["name"], None, None, default=bound == "DEFAULT"))
     return found
 
 
-def partitions_for(partitions: Sequence[_Partition], lo: int, hi: int) -> list[str]:
+def partitions_for(partitions: Sequence[LeafPartition], lo: int, hi: int) -> list[str]:
     """Names of the partitions rows with ``lo <= timestamp <= hi`` can be in.
 
     Ranged partitions that meet the range; the default partition when part of the range is
@@ -246,7 +249,7 @@ class SkipStored:
     raw: asyncpg.Connection
     stored: int = 0
     skipped: int = 0
-    _partitions: list[_Partition] | None = None
+    _partitions: list[LeafPartition] | None = None
     _locked: set[str] = field(default_factory=set)
     _pending_rows: int = 0
     _pending_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
@@ -284,7 +287,8 @@ class SkipStored:
     async def _lock(self, lo: int, hi: int) -> None:
         if self._partitions is None:
             # Held anyway once rows go in; taken first so the partition list read next stays
-            # true until commit (creating or attaching a partition needs a stronger lock).
+            # true for the ranges locked below: creating, attaching or detaching a partition
+            # needs a lock that conflicts with this one or with those.
             await self.raw.execute(f"LOCK TABLE ONLY {_TABLE} IN ROW EXCLUSIVE MODE")
             self._partitions = await _partitions(self.raw)
         for name in partitions_for(self._partitions, lo, hi):
@@ -294,7 +298,7 @@ class SkipStored:
 
     async def _is_new(self, symbols: Sequence[str], lo: int, hi: int) -> bool:
         near, others = await self.raw.fetchrow(
-            f"SELECT count(*), count(*) FILTER (WHERE NOT {OURS}) FROM ("
+            f"SELECT count(*), count(*) FILTER (WHERE {NOT_OURS}) FROM ("
             f"SELECT xmin, created_at FROM {_TABLE} WHERE symbol = ANY($1::text[]) "
             f'AND "timestamp" BETWEEN {int(lo)} AND {int(hi)} LIMIT {PROBE_ROWS}) AS near',
             list(symbols),
