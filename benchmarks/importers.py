@@ -9,7 +9,9 @@ One run, same rows, same fresh database (emptied and checkpointed between method
    target >= 0.8x of (1);
 3. ``export_parquet`` of all those rows (zstd, hive-partitioned): rows/s;
 4. ``import_paths`` of that Parquet tree into the emptied table, and ``verify_paths`` of the
-   original file against it: rows/s.
+   original file against it: rows/s;
+5. ``import_paths`` of the ``.csv.gz`` again (ledger emptied) while the table holds every row,
+   then half of them (every other id): the cost of skipping quotes already stored.
 
 The server is found as the tests find it (``TEST_DATABASE_URL``, else 127.0.0.1:5432, else a
 private embedded PostgreSQL); the benchmark creates its own database and drops it at the end.
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+from sqlalchemy import text
 
 from benchmarks._common import bench_database, find_server, psql_binary
 from orderbook_store.engine import create_engine
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             empty(settings)
             out = directory / "export"
 
-            async def run() -> tuple[float, float, float, float]:
+            async def run() -> tuple[float, float, float, float, float, float]:
                 engine = create_engine(settings)
                 try:
                     started = time.perf_counter()
@@ -161,11 +164,24 @@ def main(argv: list[str] | None = None) -> None:
                     back = await import_paths(engine, [out], quarantine=directory / "q.csv")
                     reimport_s = time.perf_counter() - started
                     assert back.rows == rows
-                    return imported, export_s, verify_s, reimport_s
+                    overlaps = []
+                    for delete in ("false", "id % 2 = 0"):  # every row stored, then half
+                        async with engine.connect() as conn:
+                            await conn.execution_options(isolation_level="AUTOCOMMIT")
+                            await conn.exec_driver_sql(f"DELETE FROM orderbook_data WHERE {delete}")
+                            await conn.exec_driver_sql("TRUNCATE orderbook_import_files")
+                            await conn.exec_driver_sql("VACUUM ANALYZE orderbook_data")
+                            kept = await conn.scalar(text("SELECT count(*) FROM orderbook_data"))
+                        started = time.perf_counter()
+                        again = await import_paths(engine, [packed], quarantine=directory / "q")
+                        overlaps.append(time.perf_counter() - started)
+                        assert (again.rows, again.duplicates) == (rows - kept, kept), again
+                    all_s, half_s = overlaps
+                    return imported, export_s, verify_s, reimport_s, all_s, half_s
                 finally:
                     await engine.dispose()
 
-            imported, export_s, verify_s, reimport_s = asyncio.run(run())
+            imported, export_s, verify_s, reimport_s, all_s, half_s = asyncio.run(run())
             print(
                 timed(
                     "orderbook-store import of the .csv.gz",
@@ -185,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"  = {ceiling / reimport_s:.2f}x of psql \\copy",
                 )
             )
+            print(timed("import of the .csv.gz again, every row already stored", rows, all_s))
+            print(timed("import of the .csv.gz again, half already stored", rows, half_s))
 
 
 if __name__ == "__main__":

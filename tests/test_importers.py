@@ -737,7 +737,7 @@ async def main():
         summary = await import_paths(engine, [Path(sys.argv[1])], quarantine=Path(sys.argv[2]))
     finally:
         await engine.dispose()
-    print(summary.rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(summary.rows + summary.duplicates, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 asyncio.run(main())
 """

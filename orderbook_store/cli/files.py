@@ -1,8 +1,9 @@
 """``orderbook-store import | verify | export``: move files in and out of the database.
 
 Exit codes: ``import`` 0 when every file was imported or already was, 3 when lines were
-quarantined (the rest imported), 1 when a file was refused or failed; ``verify`` 0 only when
-every file matches the database; ``export`` 0.
+quarantined (the rest imported), 1 when a file was refused or failed; ``verify`` 0 when every
+file matches the database, 3 when the database holds every row of the files and more in their
+ranges (overlap), 1 when rows are missing; ``export`` 0.
 """
 
 from __future__ import annotations
@@ -131,23 +132,26 @@ class _Bar:
 
 def _import_table(summary: ImportSummary) -> Table:
     table = Table(title="import")
-    for column in ("file", "format", "status", "rows", "quarantined", "first", "last"):
-        table.add_column(column, justify="right" if column in ("rows", "quarantined") else "left")
+    counts = ("rows", "already stored", "quarantined")
+    for column in ("file", "format", "status", *counts, "first", "last"):
+        table.add_column(column, justify="right" if column in counts else "left")
     for result in summary.files:
         table.add_row(
             result.file,
             result.format,
             result.status,
             f"{result.rows:,}",
+            f"{result.duplicates:,}",
             f"{result.quarantined:,}",
             _iso(result.first_timestamp),
             _iso(result.last_timestamp),
         )
-    rate = summary.rows / summary.seconds if summary.seconds else 0.0
+    rate = (summary.rows + summary.duplicates) / summary.seconds if summary.seconds else 0.0
     table.caption = (
         f"{summary.count('imported')} imported, {summary.count('skipped')} already imported, "
         f"{summary.count('refused') + summary.count('failed')} not imported; "
-        f"{summary.rows:,} rows ({rate:,.0f} rows/s), {summary.quarantined:,} quarantined"
+        f"{summary.rows:,} rows stored, {summary.duplicates:,} skipped as already stored "
+        f"({rate:,.0f} rows/s), {summary.quarantined:,} quarantined"
     )
     return table
 
@@ -158,14 +162,20 @@ IMPORT_HELP = (
     "bookTicker CSV dumps (ms; symbol from <SYMBOL>-bookTicker-<date> or --symbol), JSON lines "
     "of bookTicker websocket messages, Parquet trees written by `export`; plain, .gz or .zip.\n\n"
     "Rerunning is safe: imported files (and copies of them) are skipped, an interrupted file is "
-    "imported whole. Lines that fail validation go to the quarantine CSV (file, line, reason, "
-    "text).\n\n"
+    "imported whole. Quotes already stored (same exchange, symbol, both timestamps and four "
+    "values: the writer's, another file's) are skipped and counted, unless --allow-duplicates; "
+    "a quote a file repeats is stored as often as the file has it. Lines that fail validation "
+    "go to the quarantine CSV (file, line, reason, text).\n\n"
     "Exit code: 0 all imported or already there; 3 some lines quarantined; 1 a file refused."
 )
 VERIFY_HELP = (
     "Compare files with the database, per exchange and symbol: row count, first and last "
-    "timestamp, and a checksum of every value.\n\n"
-    "Exit code 1 when any file does not match or cannot be read."
+    "timestamp, and a checksum of every value. Where they differ, rows are compared one by one: "
+    "OVERLAP when every row of the file is stored and the database holds more in that range "
+    "(another source's rows, or extra copies of the file's quotes), MISMATCH when rows of the "
+    "file are missing.\n\n"
+    "Exit code: 0 every file matches; 3 overlap, nothing missing; 1 rows missing or a file "
+    "unreadable."
 )
 EXPORT_HELP = (
     "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
@@ -184,6 +194,13 @@ def import_files(
         typer.Option(help="CSV for rejected lines (default quarantine-<UTC time>.csv here)."),
     ] = None,
     symbol: Symbol = None,
+    allow_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--allow-duplicates",
+            help="Store every valid row, also quotes the table already holds (no partition locks).",
+        ),
+    ] = False,
     quiet: Quiet = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -210,6 +227,7 @@ def import_files(
                 options=ImportOptions(symbol=symbol),
                 quarantine=quarantine,
                 progress=bar,
+                allow_duplicates=allow_duplicates,
             )
         )
 
@@ -268,6 +286,8 @@ def _verify_table(summary: VerifySummary) -> Table:
         "exchange/symbol",
         "status",
         "rows file/db",
+        "missing",
+        "extra (copies)",
         "first",
         "last",
         "checksum",
@@ -275,14 +295,16 @@ def _verify_table(summary: VerifySummary) -> Table:
         table.add_column(column)
     for check in summary.files:
         if not check.groups:
-            table.add_row(check.file, "", check.status, "", "", "", "")
+            table.add_row(check.file, "", check.status, "", "", "", "", "", "")
         for group in check.groups:
             f, d = group.file, group.database
             table.add_row(
                 check.file,
                 f"{group.exchange}/{group.symbol}",
-                "ok" if group.ok else "MISMATCH",
+                group.status if group.ok else group.status.upper(),
                 f"{f.rows:,}/{d.rows:,}",
+                f"{group.missing:,}",
+                f"{group.extra:,} ({group.extra_copies:,})",
                 "=" if f.first == d.first else f"{_iso(f.first)} / {_iso(d.first)}",
                 "=" if f.last == d.last else f"{_iso(f.last)} / {_iso(d.last)}",
                 "=" if f.checksum == d.checksum else "differs",
@@ -296,7 +318,8 @@ def verify_files(
 ) -> None:
     """Compare files with the database: row count, first/last timestamp, value checksum.
 
-    Exit code 1 when any file does not match (or cannot be read), 0 otherwise.
+    Exit code 0 when every file matches, 3 when files overlap other rows but none is missing,
+    1 when rows are missing (or a file cannot be read).
     """
     summary = run_with_engine(
         lambda engine: verify_paths(engine, paths, options=ImportOptions(symbol=symbol))
@@ -308,8 +331,8 @@ def verify_files(
     for check in summary.files:
         if check.status == "refused":
             typer.echo(f"refused: {check.message}", err=True)
-        elif check.status == "mismatch" and quiet:
-            typer.echo(f"mismatch: {check.file}", err=True)
+        elif check.status in ("mismatch", "overlap") and quiet:
+            typer.echo(f"{check.status}: {check.file}", err=True)
     raise typer.Exit(summary.exit_code)
 
 

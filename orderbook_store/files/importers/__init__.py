@@ -2,8 +2,9 @@
 
 ``import_paths(engine, paths)`` detects each file's format from its content
 (:mod:`.detect`), streams its rows through vectorized validation (:mod:`.rows`) into ``COPY``
-(:mod:`.pipeline`) and records it in the import ledger; ``verify_paths`` compares files with
-the database (:mod:`.verify`). One module per format:
+(:mod:`.pipeline`), skipping quotes the table already holds (:mod:`.dedupe`), and records it
+in the import ledger; ``verify_paths`` compares files with the database (:mod:`.verify`). One
+module per format:
 
 * :mod:`.tardis_quotes` — tardis.dev ``quotes`` CSV and the ``FileStorage`` daily files;
 * :mod:`.tardis_book_snapshot` — tardis.dev ``book_snapshot_N`` CSV (level 0);

@@ -21,6 +21,12 @@ csv)``), where an empty cell is NULL.
 
 Rejected lines go to the quarantine CSV (``file,line,reason,text``) after the file's commit,
 from a temporary spool, so a rerun after an interruption does not list them twice.
+
+Quotes already stored (by the writer, another file, an earlier run) are skipped, block by
+block, in the same transaction (:mod:`.dedupe`: the rule for repeated quotes, the locks, the
+cost); a block of new data is copied in as above. ``allow_duplicates=True`` copies every row,
+as the pipeline did before it skipped anything. The ledger's ``rows`` are the rows a file
+added.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final, Protocol
 
+import asyncpg
 import pyarrow.compute as pc
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.dedupe import SkipStored
 from orderbook_store.files.importers.detect import detect, expand
 from orderbook_store.files.importers.rows import Checked, Rejected, copy_csv
 from orderbook_store.files.importers.source import Digest, ImportUnit, identity_of, keyed
@@ -51,6 +59,10 @@ from orderbook_store.pg.connection import copy_quotes_in, raw_connection
 
 #: Encoded blocks waiting to be sent; with ~4 MB blocks this bounds memory at a few tens of MB.
 PREFETCH_BLOCKS: Final = 2
+
+#: Tries of one file when the server aborts its transaction to break a deadlock (two imports
+#: locking the same partitions in another order, see :mod:`.dedupe`); nothing of it was kept.
+DEADLOCK_ATTEMPTS: Final = 3
 
 QUARANTINE_HEADER: Final = ("file", "line", "reason", "text")
 
@@ -64,7 +76,8 @@ class FileResult:
     file: str
     format: str = ""
     status: str = "imported"  # imported | skipped | refused | failed
-    rows: int = 0
+    rows: int = 0  # rows the file added to the table
+    duplicates: int = 0  # valid rows not added: the table held these quotes already
     quarantined: int = 0
     first_timestamp: int | None = None
     last_timestamp: int | None = None
@@ -83,6 +96,10 @@ class ImportSummary:
     @property
     def rows(self) -> int:
         return sum(result.rows for result in self.files)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(result.duplicates for result in self.files)
 
     @property
     def quarantined(self) -> int:
@@ -115,15 +132,18 @@ class _Piece:
     first: int | None
     last: int | None
     rejected: list[Rejected]
+    symbols: list[str]
 
 
 def _encode(checked: Checked) -> _Piece:
     rows = checked.rows
     first = last = None
+    symbols: list[str] = []
     if rows.num_rows:
         bounds = pc.min_max(rows.column("timestamp")).as_py()
         first, last = bounds["min"], bounds["max"]
-    return _Piece(copy_csv(rows), rows.num_rows, first, last, checked.rejected)
+        symbols = pc.unique(rows.column("symbol")).to_pylist()
+    return _Piece(copy_csv(rows), rows.num_rows, first, last, checked.rejected, symbols)
 
 
 def _next_piece(blocks: Iterator[Checked]) -> _Piece | None:
@@ -260,6 +280,18 @@ async def _changed_since_import(engine: AsyncEngine, unit: ImportUnit) -> str:
     )
 
 
+def _deadlocked(exc: BaseException) -> bool:
+    """Whether the server aborted the transaction to break a deadlock (SQLSTATE 40P01)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, asyncpg.DeadlockDetectedError):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
 async def import_unit(
     engine: AsyncEngine,
     unit: ImportUnit,
@@ -267,8 +299,13 @@ async def import_unit(
     options: ImportOptions,
     quarantine: Path,
     progress: ImportProgress | None = None,
+    allow_duplicates: bool = False,
 ) -> FileResult:
-    """Import one file or zip member exactly once (see the module docstring)."""
+    """Import one file or zip member exactly once (see the module docstring).
+
+    Quotes the table holds already are skipped (counted in ``duplicates``) unless
+    ``allow_duplicates``.
+    """
     started = time.perf_counter()
     result = FileResult(unit.display)
     try:
@@ -285,8 +322,48 @@ async def import_unit(
     if refusal:
         result.status, result.message = "refused", refusal
         return result
-    spool = _Quarantine(quarantine)
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        spool = _Quarantine(quarantine)
+        try:
+            await _store(engine, unit, reader, identity, result, spool, progress, allow_duplicates)
+            break
+        except Exception as exc:
+            if not _deadlocked(exc) or attempt == DEADLOCK_ATTEMPTS:
+                raise
+            # Rolled back whole: start the file over.
+            result = FileResult(unit.display, format=reader.format)
+        finally:
+            spool.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def _store(
+    engine: AsyncEngine,
+    unit: ImportUnit,
+    reader: Reader,
+    identity: str,
+    result: FileResult,
+    spool: _Quarantine,
+    progress: ImportProgress | None,
+    allow_duplicates: bool,
+) -> None:
+    """One attempt at the file's transaction: ledger entry, rows, counts; then the quarantine."""
     content = hashlib.sha256()
+
+    async def pieces() -> AsyncIterator[_Piece]:
+        async for piece in _pieces(reader, content):
+            result.rows += piece.rows
+            result.quarantined += len(piece.rejected)
+            spool.add(unit.display, piece.rejected)
+            if piece.first is not None and piece.last is not None:
+                first, last = result.first_timestamp, result.last_timestamp
+                result.first_timestamp = piece.first if first is None else min(first, piece.first)
+                result.last_timestamp = piece.last if last is None else max(last, piece.last)
+            if progress is not None:
+                progress.rows_done(piece.rows)
+            yield piece
+
     try:
         async with engine.begin() as conn:
             claimed = await conn.scalar(
@@ -298,28 +375,24 @@ async def import_unit(
             )
             if claimed is None:  # another importer committed it meanwhile
                 result.status, result.message = "skipped", "already imported"
-                return result
+                return
             raw = await raw_connection(conn)
+            if allow_duplicates:
 
-            async def source() -> AsyncIterator[bytes]:
-                async for piece in _pieces(reader, content):
-                    result.rows += piece.rows
-                    result.quarantined += len(piece.rejected)
-                    spool.add(unit.display, piece.rejected)
+                async def data() -> AsyncIterator[bytes]:
+                    async for piece in pieces():
+                        if piece.data:
+                            yield piece.data
+
+                await copy_quotes_in(raw, data(), format="csv")
+            else:
+                skipper = SkipStored(raw)
+                async for piece in pieces():
                     if piece.first is not None and piece.last is not None:
-                        first, last = result.first_timestamp, result.last_timestamp
-                        result.first_timestamp = (
-                            piece.first if first is None else min(first, piece.first)
+                        await skipper.add(
+                            piece.data, piece.rows, piece.symbols, piece.first, piece.last
                         )
-                        result.last_timestamp = (
-                            piece.last if last is None else max(last, piece.last)
-                        )
-                    if progress is not None:
-                        progress.rows_done(piece.rows)
-                    if piece.data:
-                        yield piece.data
-
-            await copy_quotes_in(raw, source(), format="csv")
+                result.rows, result.duplicates = await skipper.finish()
             content_key = keyed(content.hexdigest(), reader.format, reader.context)
             try:
                 await conn.execute(
@@ -350,12 +423,8 @@ async def import_unit(
             )
         result.status = "skipped"
         result.message = f"same content as {earlier}, already imported"
-        result.rows = result.quarantined = 0
+        result.rows = result.duplicates = result.quarantined = 0
         result.first_timestamp = result.last_timestamp = None
-    finally:
-        spool.close()
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 async def import_paths(
@@ -365,12 +434,14 @@ async def import_paths(
     options: ImportOptions | None = None,
     quarantine: Path | None = None,
     progress: ImportProgress | None = None,
+    allow_duplicates: bool = False,
 ) -> ImportSummary:
     """Import files and directories (walked recursively); one result per file or zip member.
 
     A refused file does not stop the run; a database error does (it is raised). Rejected lines
     go to ``quarantine`` (default ``quarantine-<UTC time>.csv`` in the working directory,
-    created only when a line is rejected).
+    created only when a line is rejected). Quotes the table already holds are skipped and
+    counted (``duplicates``), unless ``allow_duplicates`` (see :mod:`.dedupe`).
     """
     options = options or ImportOptions()
     started = time.perf_counter()
@@ -383,7 +454,12 @@ async def import_paths(
             progress.file_started(unit.display, index, len(units))
         try:
             result = await import_unit(
-                engine, unit, options=options, quarantine=quarantine, progress=progress
+                engine,
+                unit,
+                options=options,
+                quarantine=quarantine,
+                progress=progress,
+                allow_duplicates=allow_duplicates,
             )
         except FileNotFoundError as exc:
             result = FileResult(unit.display, status="failed", message=str(exc))

@@ -10,16 +10,24 @@ decimals written with 8 decimals (as PostgreSQL prints DECIMAL(20,8)) and NULL a
 order-independent, computed by the server with ``md5()`` and here with ``hashlib``, so a
 missing, extra or altered row changes it.
 
-What it cannot tell apart: rows of another source (the collector, an overlapping file) in the
-same symbol and time range count as extra rows, which is a mismatch; verify files that cover
-disjoint ranges, or the database will rightly look different from each of them.
+When a group differs, the file's rows are sent to a temporary table and compared with the
+database's row by row, as multisets (a quote the file holds ``n`` times and the database ``m``
+times matches ``min(n, m)`` times; values compared as stored, NULL equal to NULL), which tells:
+
+* ``overlap``: every row of the file is in the database, which holds more in the same range:
+  rows of another source (the collector, an overlapping file), or further copies of the
+  file's own quotes (``extra_copies``: what importing with ``allow_duplicates`` leaves);
+* ``mismatch``: rows of the file are missing (a changed value is one missing and one extra).
+
+``exit_code``: 0 when every file matches, 3 when none is missing a row but some overlap, 1
+when a row is missing or a file could not be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +37,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.files.importers.base import ImportOptions, Reader, RefusedFile
+from orderbook_store.files.importers.dedupe import pending_table_sql, planned_for_bulk, same_quote
 from orderbook_store.files.importers.detect import detect, expand
-from orderbook_store.files.importers.rows import Checked
-from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData
+from orderbook_store.files.importers.rows import Checked, copy_csv
+from orderbook_store.models import DECIMAL_COLUMNS, QUOTE_COLUMNS, OrderbookData
+from orderbook_store.pg.connection import raw_connection
 
 
 @dataclass
@@ -54,21 +64,45 @@ class Stats:
 
 @dataclass
 class GroupCheck:
-    """One exchange/symbol of a file against the database."""
+    """One exchange/symbol of a file against the database.
+
+    ``matched`` (rows of the file found in the database) and ``extra_copies`` (the database's
+    copies of the file's quotes beyond the file's count) are counted only when the statistics
+    differ; ``None`` when they agree.
+    """
 
     exchange: str
     symbol: str
     file: Stats
     database: Stats
+    matched: int | None = None
+    extra_copies: int = 0
 
     @property
     def ok(self) -> bool:
         return self.file == self.database
 
+    @property
+    def status(self) -> str:
+        """``ok``, ``overlap`` (every row of the file stored, and more) or ``mismatch``."""
+        if self.ok:
+            return "ok"
+        return "overlap" if self.missing == 0 else "mismatch"
+
+    @property
+    def missing(self) -> int:
+        """Rows of the file the database lacks."""
+        return self.file.rows - (self.file.rows if self.ok else (self.matched or 0))
+
+    @property
+    def extra(self) -> int:
+        """Rows of the database in the group's range that are not the file's."""
+        return self.database.rows - (self.file.rows if self.ok else (self.matched or 0))
+
 
 @dataclass
 class FileCheck:
-    """One file's verdict: ``ok``, ``mismatch`` or ``refused``."""
+    """One file's verdict: ``ok``, ``overlap``, ``mismatch`` or ``refused``."""
 
     file: str
     format: str = ""
@@ -86,7 +120,10 @@ class VerifySummary:
 
     @property
     def exit_code(self) -> int:
-        return 0 if all(check.status == "ok" for check in self.files) else 1
+        statuses = {check.status for check in self.files}
+        if statuses <= {"ok"}:
+            return 0
+        return 3 if statuses <= {"ok", "overlap"} else 1
 
 
 def row_texts(rows: pa.Table) -> pa.Array:
@@ -212,6 +249,69 @@ async def verify_paths(
             assert stats.first is not None and stats.last is not None
             found = await database_stats(engine, exchange, symbol, stats.first, stats.last)
             check.groups.append(GroupCheck(exchange, symbol, stats, found))
-        if not all(group.ok for group in check.groups):
-            check.status = "mismatch"
+        differing = [group for group in check.groups if not group.ok]
+        if differing:
+            await compare_rows(engine, reader, differing)
+            statuses = {group.status for group in differing}
+            check.status = "mismatch" if "mismatch" in statuses else "overlap"
     return summary
+
+
+_ROWS = "orderbook_verify_rows"
+_KEY = ", ".join(f'"{name}"' for name in QUOTE_COLUMNS)
+
+
+def _overlap_sql(first: int, last: int) -> str:
+    """Rows matched (multiset intersection) and extra copies of the file's quotes, one group.
+
+    Times are literals so the planner reads only the partitions of the range.
+    """
+    return f"""
+        WITH f AS (
+            SELECT {_KEY}, count(*) AS copies FROM {_ROWS}
+            WHERE exchange = $1 AND symbol = $2 GROUP BY {_KEY}
+        ), d AS (
+            SELECT {_KEY}, count(*) AS copies FROM {_TABLE}
+            WHERE exchange = $1 AND symbol = $2 AND "timestamp" BETWEEN {int(first)} AND {int(last)}
+            GROUP BY {_KEY}
+        )
+        SELECT coalesce(sum(least(f.copies, d.copies)), 0)::bigint,
+               coalesce(sum(greatest(d.copies - f.copies, 0)), 0)::bigint
+        FROM f JOIN d ON {same_quote("f", "d")}
+    """
+
+
+async def compare_rows(engine: AsyncEngine, reader: Reader, groups: Sequence[GroupCheck]) -> None:
+    """Fill ``matched`` and ``extra_copies`` of ``groups``: the file's rows, sent to a temporary
+    table, against the database's (see the module docstring). Reads the file once more."""
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT 1"))  # begins the transaction (the dialect is lazy)
+        raw = await raw_connection(conn)
+        await raw.execute(pending_table_sql(_ROWS))
+        blocks = reader.blocks()
+        try:
+            while (data := await asyncio.to_thread(_next_block, blocks)) is not None:
+                if data:
+                    # A memoryview, because asyncpg would take plain bytes for a file *path*.
+                    await raw.copy_to_table(
+                        _ROWS, source=memoryview(data), columns=list(QUOTE_COLUMNS), format="csv"
+                    )
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+        await raw.execute(f"ANALYZE {_ROWS}")
+        async with planned_for_bulk(raw):
+            for group in groups:
+                assert group.file.first is not None and group.file.last is not None
+                row = await raw.fetchrow(
+                    _overlap_sql(group.file.first, group.file.last), group.exchange, group.symbol
+                )
+                assert row is not None
+                group.matched, group.extra_copies = int(row[0]), int(row[1])
+
+
+def _next_block(blocks: Iterator[Checked]) -> bytes | None:
+    for checked in blocks:
+        return copy_csv(checked.rows)
+    return None
