@@ -349,6 +349,28 @@ def test_import_verify_export_with_every_option(migrated: str, tmp_path: Path) -
     said = ok(cli("export", *out, *later))
     assert f"exported {9999 - exported['rows']:,} rows" in said
 
+    # Another file holding one of those quotes and a new one: the stored one is skipped...
+    overlapping = tmp_path / "overlap.csv"
+    overlapping.write_text(
+        dump.read_text().splitlines()[0] + "\n"
+        "2,2300.4,0.5,2300.7,1.25,1704067201000,1704067201002\n"
+        "3,2300.3,0.5,2300.8,1.25,1704067202000,1704067202003\n"
+    )
+    again = json.loads(ok(cli("import", str(overlapping), "--symbol", "ETHUSDT", "--json")))
+    assert (again["rows"], again["duplicates"]) == (1, 1)
+    assert again["files"][0]["duplicates"] == 1
+    # ...unless asked to keep every row (a fourth file, so the ledger has not seen it).
+    kept = tmp_path / "kept.csv"
+    kept.write_text(overlapping.read_text().replace("2300.8", "2300.9"))
+    every = ["--symbol", "ETHUSDT", "--allow-duplicates", "--json"]
+    forced = json.loads(ok(cli("import", str(kept), *every)))
+    assert (forced["rows"], forced["duplicates"]) == (2, 0)
+    overlapped = cli("verify", str(dump), "--symbol", "ETHUSDT", "--json")
+    assert overlapped.returncode == 3, overlapped.stderr  # every row there, and more
+    (group,) = json.loads(overlapped.stdout)["files"][0]["groups"]
+    # the second copy of quote 2, kept by --allow-duplicates (quote 3 is outside the range)
+    assert (group["status"], group["missing"], group["extra"]) == ("overlap", 0, 1)
+
 
 def test_partitions_ensure_since_creates_a_backfill_s_days(migrated: str, tmp_path: Path) -> None:
     cli = on(migrated, tmp_path)
@@ -402,7 +424,7 @@ def test_every_command_and_option_is_known_to_these_tests() -> None:
         "upgrade": {"--json"},
         "stamp": {"--force", "--json"},
         "current": {"--json"},
-        "import": {"--quarantine", "--symbol", "--quiet", "--json"},
+        "import": {"--quarantine", "--symbol", "--allow-duplicates", "--quiet", "--json"},
         "verify": {"--symbol", "--quiet", "--json"},
         "export": {"--symbol", "--start", "--end", "--out", "--quiet", "--json"},
         "doctor": {"--json"},
