@@ -66,11 +66,6 @@ _BOUNDS_SQL = (
     f"SELECT (SELECT timestamp{_RANGE_SQL} ORDER BY symbol, timestamp LIMIT 1) AS first,"
     f" (SELECT timestamp{_RANGE_SQL} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
 )
-#: The timestamp of the quote in force at a time: one backward index probe.
-_IN_FORCE_SQL = (
-    "SELECT timestamp FROM orderbook_data WHERE symbol = $1 AND timestamp <= $2::bigint"
-    " AND ($3::text IS NULL OR exchange = $3::text) ORDER BY symbol DESC, timestamp DESC LIMIT 1"
-)
 
 
 @dataclass(frozen=True)
