@@ -63,12 +63,12 @@ from orderbook_store.read.hints import warn_other_case
 from orderbook_store.read.layout import prepare_probes
 from orderbook_store.read.plan import (
     _BIND_SQL,
-    _BOUNDS_SQL,
     _ESTIMATE_SQL,
     OUTPUT_FORMATS,
     READ_COLUMNS,
     Frame,
     Output,
+    _bounds_sql,
     _check_exchange,
     _check_output,
     _check_symbol,
@@ -186,7 +186,8 @@ class Reader:
             estimate = int(explained[0]["Plan"]["Plan Rows"])
             total += estimate
             if self.parallel and estimate >= self.parallel_min_rows:
-                bounds = await raw.fetchrow(_BOUNDS_SQL, *args)
+                bounds_sql = _bounds_sql(plan.start_us, plan.end_us)
+                bounds = await raw.fetchrow(bounds_sql, symbol, plan.exchange)
                 first, last = bounds["first"], bounds["last"]
                 if first is not None and last is not None and last > first:
                     middle = first + (last - first + 1) // 2
