@@ -12,7 +12,8 @@ one descent, as on a plain table.
 ``latest()`` of every stored symbol first needs the symbols: a skip scan of each part (one
 descent per distinct symbol, plus one), all in one statement, which also says which partition
 is the newest to hold each symbol; then one probe each, into that partition. That costs
-``partitions x (symbols + 1)`` descents: about 10 ms for 30 daily partitions of 20 symbols.
+``partitions x (symbols + 1)`` descents: 10-15 ms for 30 daily partitions of 20 symbols,
+about 150 ms for 365 (a plain table: one descent per symbol).
 """
 
 from __future__ import annotations
