@@ -9,11 +9,14 @@ import benchmarks
 
 
 def main() -> None:
-    """Import each ``benchmarks.<name>`` module (not private ones) and call its ``main()``."""
+    """Import each ``benchmarks.<name>`` module (not private ones, nor those that set
+    ``RUN_WITH_THE_OTHERS = False``) and call its ``main()``."""
     for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"benchmarks.{info.name}")
+        if not getattr(module, "RUN_WITH_THE_OTHERS", True):
+            continue
         run = getattr(module, "main", None)
         if callable(run):
             run()

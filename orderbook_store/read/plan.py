@@ -61,16 +61,24 @@ _RANGE_SQL = (
 )
 #: The planner's row estimate for a range (bound values, so a custom plan: a real estimate).
 _ESTIMATE_SQL = "EXPLAIN (FORMAT JSON) SELECT 1" + _RANGE_SQL
-#: First and last timestamp in a range: two index probes.
-_BOUNDS_SQL = (
-    f"SELECT (SELECT timestamp{_RANGE_SQL} ORDER BY symbol, timestamp LIMIT 1) AS first,"
-    f" (SELECT timestamp{_RANGE_SQL} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
-)
-#: The timestamp of the quote in force at a time: one backward index probe.
-_IN_FORCE_SQL = (
-    "SELECT timestamp FROM orderbook_data WHERE symbol = $1 AND timestamp <= $2::bigint"
-    " AND ($3::text IS NULL OR exchange = $3::text) ORDER BY symbol DESC, timestamp DESC LIMIT 1"
-)
+
+
+def _bounds_sql(start_us: int, end_us: int) -> str:
+    """First and last timestamp of ``$1``'s quotes (exchange ``$2``, or any) in
+    ``[start_us, end_us)``: two index probes.
+
+    The bounds are literals, as in ``copy_sql``: the partitions outside them are pruned when
+    the statement is planned. (As parameters, a cached generic plan would hold every partition,
+    and building it once took ~300 ms with 365 daily partitions.)
+    """
+    where = (
+        f" FROM orderbook_data WHERE symbol = $1 AND timestamp >= {int(start_us):d}"
+        f" AND timestamp < {int(end_us):d} AND ($2::text IS NULL OR exchange = $2::text)"
+    )
+    return (
+        f"SELECT (SELECT timestamp{where} ORDER BY symbol, timestamp LIMIT 1) AS first,"
+        f" (SELECT timestamp{where} ORDER BY symbol DESC, timestamp DESC LIMIT 1) AS last"
+    )
 
 
 @dataclass(frozen=True)

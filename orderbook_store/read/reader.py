@@ -60,15 +60,15 @@ from orderbook_store.read.columns import (
 )
 from orderbook_store.read.frames import _rows_to_columns, build_frame
 from orderbook_store.read.hints import warn_other_case
+from orderbook_store.read.layout import prepare_probes
 from orderbook_store.read.plan import (
     _BIND_SQL,
-    _BOUNDS_SQL,
     _ESTIMATE_SQL,
-    _IN_FORCE_SQL,
     OUTPUT_FORMATS,
     READ_COLUMNS,
     Frame,
     Output,
+    _bounds_sql,
     _check_exchange,
     _check_output,
     _check_symbol,
@@ -77,14 +77,9 @@ from orderbook_store.read.plan import (
     _symbol_list,
     plan_quotes,
 )
+from orderbook_store.read.probes import Probe, last_quotes, latest_of_every_symbol
 from orderbook_store.read.snapshot import read_snapshot
-from orderbook_store.read.sql import (
-    ASOF_SQL,
-    LATEST_ALL_SQL,
-    LATEST_SOME_SQL,
-    RESAMPLE_COLUMNS,
-    RESAMPLE_SQL,
-)
+from orderbook_store.read.sql import RESAMPLE_COLUMNS, RESAMPLE_SQL
 from orderbook_store.times import TimeLike, parse_freq_us, to_epoch_us
 
 _SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
@@ -191,7 +186,8 @@ class Reader:
             estimate = int(explained[0]["Plan"]["Plan Rows"])
             total += estimate
             if self.parallel and estimate >= self.parallel_min_rows:
-                bounds = await raw.fetchrow(_BOUNDS_SQL, *args)
+                bounds_sql = _bounds_sql(plan.start_us, plan.end_us)
+                bounds = await raw.fetchrow(bounds_sql, symbol, plan.exchange)
                 first, last = bounds["first"], bounds["last"]
                 if first is not None and last is not None and last > first:
                     middle = first + (last - first + 1) // 2
@@ -385,18 +381,21 @@ class Reader:
     ) -> Frame:
         """The last quote (greatest timestamp, then id) of each symbol, ordered by symbol.
 
-        ``symbols=None`` means every stored symbol, found by a recursive skip scan of
-        ``idx_orderbook_symbol_timestamp`` (one index probe per distinct symbol, never a table
-        scan); each symbol's last row is one backward index probe.
+        Each symbol's last quote is one backward index probe (on a partitioned table, into the
+        newest partition holding it: see ``read.probes``). ``symbols=None`` means every stored
+        symbol, found by a skip scan of ``idx_orderbook_symbol_timestamp`` (one index probe per
+        distinct symbol, in each partition), never a table scan.
         """
         checked_output = _check_output(output)
         names = None if symbols is None else sorted(set(_symbol_list(symbols)))
         columns = ("id", *QUOTE_COLUMNS)
         async with read_snapshot(self.engine) as raw:
+            layout = await prepare_probes(raw)
             if names is None:
-                rows = await raw.fetch(LATEST_ALL_SQL)
+                rows = await latest_of_every_symbol(raw, layout)
             else:
-                rows = await raw.fetch(LATEST_SOME_SQL, names)
+                found = await last_quotes(raw, layout, [Probe(name) for name in names])
+                rows = [row for row in found if row is not None]
                 await warn_other_case(raw, set(names) - {row["symbol"] for row in rows})
         picked = [dict(r) for r in rows]
         picked.sort(key=lambda r: str(r["symbol"]))
@@ -435,10 +434,15 @@ class Reader:
         rows: list[Mapping[str, object]] = []
         if stamps:
             async with read_snapshot(self.engine) as raw:
-                fetched = await raw.fetch(ASOF_SQL, stamps, checked_symbol, checked_exchange)
-                if all(row["id"] is None for row in fetched):
+                layout = await prepare_probes(raw)
+                probes = [Probe(checked_symbol, stamp) for stamp in stamps]
+                found = await last_quotes(raw, layout, probes, exchange=checked_exchange)
+                if all(row is None for row in found):
                     await warn_other_case(raw, [checked_symbol])
-            rows = [dict(r) for r in fetched]
+            rows = [
+                {"time": stamp, **{c: None if row is None else row[c] for c in QUOTE_COLUMNS}}
+                for stamp, row in zip(stamps, found, strict=True)
+            ]
         data = _rows_to_columns(rows, columns, exact)
         if "time" in data and not rows:
             data["time"] = np.zeros(0, dtype=np.int64)
@@ -455,8 +459,11 @@ class Reader:
         """As-of by one bounded range read, or None when that range holds too many rows."""
         earliest, latest = min(stamps), max(stamps)
         async with read_snapshot(self.engine) as raw:
-            in_force = await raw.fetchval(_IN_FORCE_SQL, symbol, earliest, exchange)
-            start = earliest if in_force is None else int(in_force)
+            layout = await prepare_probes(raw)
+            [in_force] = await last_quotes(
+                raw, layout, [Probe(symbol, earliest)], exchange=exchange
+            )
+            start = earliest if in_force is None else int(in_force["timestamp"])
             explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
         if isinstance(explained, str | bytes):
             explained = json.loads(explained)
