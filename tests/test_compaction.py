@@ -34,13 +34,15 @@ from test_partitions import (
 from typer.testing import CliRunner
 
 from orderbook_store.cli.partitions import app as partitions_app
-from orderbook_store.ops import compaction, partitions
+from orderbook_store.ops import compaction, migrations, partitions
 from orderbook_store.ops.doctor import run_checks
+from orderbook_store.ops.roles import RoleNames, roles_sql
 from orderbook_store.read.reader import Reader
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
 from catalog import execute
+from pgserver import TemporaryPostgres
 
 MakeDb = Callable[[], str]
 
@@ -73,8 +75,6 @@ async def legacy_at_head(make_database: MakeDb, rows: int, **fill_args: int) -> 
 
 
 def _upgrade(url: str) -> None:
-    from orderbook_store.ops import migrations
-
     migrations.upgrade(Settings(database_url=url), "head")
 
 
@@ -468,3 +468,61 @@ def test_compact_command_line_list_and_doctor(make_database: MakeDb, tmp_path: P
 
     doctor = asyncio.run(run_checks(settings)).check("compaction")
     assert (doctor.status, doctor.value) == ("ok", "30 of 30 closed partitions compacted")
+
+
+# -- other roles' transactions -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_older_snapshot_of_another_role_is_waited_for_and_late_rows_kept() -> None:
+    """As in production: the owner compacts, a reader role holds a snapshot from before the
+    sorted copies were made, the writer role writes a late row meanwhile."""
+    names = RoleNames()
+    with TemporaryPostgres() as server:
+        server.create_database("quotes")
+        admin = server.url("quotes")
+
+        def as_role(role: str) -> str:
+            return admin.replace("postgres@", f"{role}@")
+
+        await execute(admin, roles_sql(names))
+        await asyncio.to_thread(
+            migrations.upgrade, Settings(database_url=as_role(names.owner)), "0003"
+        )
+        await fill(as_role(names.owner), 30_000)
+        await asyncio.to_thread(
+            migrations.upgrade, Settings(database_url=as_role(names.owner)), "head"
+        )
+        await execute(admin, roles_sql(names))  # grants on the tables 0004 made
+        before = await checksum(admin)
+
+        reader = await asyncpg.connect(as_role(names.reader))
+        try:
+            await reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")  # snapshot
+            lines: list[str] = []
+            async with engine_on(as_role(names.owner)) as engine:
+                task = asyncio.create_task(
+                    compaction.compact(engine, now=AFTER_JANUARY, progress=lines.append)
+                )
+                while not task.done() and not any("older snapshots" in x for x in lines):
+                    await asyncio.sleep(0.02)
+                assert not task.done(), lines
+                # The writer role's late quote for January, while the run waits: captured
+                # through the owner's trigger function, kept by the swap.
+                await execute(
+                    as_role(names.writer),
+                    "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+                    f"VALUES ('XRPUSDT', {JAN_1_2024 + 7}, {JAN_1_2024 + 7})",
+                )
+                # The reader's old snapshot still sees every row: nothing was swapped under it.
+                seen = await reader.fetchval("SELECT count(*) FROM orderbook_data")
+                await reader.execute("COMMIT")
+                result = await task
+        finally:
+            await reader.close()
+        assert seen == before[0]
+        assert len(result.compacted) == 1
+        assert result.compacted[0].late_rows == 1
+        after = await checksum(admin)
+        assert after[0] == before[0] + 1
+        assert await leftovers(admin) == []

@@ -244,7 +244,8 @@ async def _run(
     snapshot_wait_s: float,
     say: ProgressFn,
 ) -> CompactResult:
-    if await conn.fetchval(f"SELECT relkind <> 'p' FROM pg_class WHERE oid = '{TABLE}'::regclass"):
+    kind = await conn.fetchval(f"SELECT relkind::text FROM pg_class WHERE oid = to_regclass('{TABLE}')")
+    if kind != "p":
         raise PartitionError(parts.NOT_PARTITIONED)
     found = sorted(
         (parts.partition_of(*row) for row in await conn.fetch(parts.partitions_sql(sizes=False))),
@@ -560,17 +561,21 @@ async def _wait_for_older_snapshots(
     """Wait until every transaction whose snapshot may predate transaction ``xid`` has ended
     (as ``CREATE INDEX CONCURRENTLY`` does): after the swap it would read the new tables
     without seeing their rows."""
+    # Another role's sessions show their xmin but not their backend type or transaction start:
+    # the transaction is told apart by its virtual transaction id (pg_locks shows them all).
     older = """
-        SELECT pid, xact_start FROM pg_stat_activity
-        WHERE datname = current_database() AND pid <> pg_backend_pid()
-          AND backend_type = 'client backend' AND backend_xmin IS NOT NULL
-          AND age(backend_xmin) >= age($1::text::xid)
+        SELECT a.pid, coalesce(l.virtualxid, a.xact_start::text) AS xact
+        FROM pg_stat_activity a
+        LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'virtualxid' AND l.granted
+        WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+          AND a.usesysid IS NOT NULL AND coalesce(a.backend_type, 'client backend') <> 'walsender'
+          AND a.backend_xmin IS NOT NULL AND age(a.backend_xmin) >= age($1::text::xid)
     """
-    waiting = {(r["pid"], r["xact_start"]) for r in await conn.fetch(older, xid)}
+    waiting = {(r["pid"], r["xact"]) for r in await conn.fetch(older, xid)}
     deadline = time.monotonic() + timeout_s
     said = False
     while waiting:
-        current = {(r["pid"], r["xact_start"]) for r in await conn.fetch(older, xid)}
+        current = {(r["pid"], r["xact"]) for r in await conn.fetch(older, xid)}
         waiting &= current
         if not waiting:
             return
@@ -597,8 +602,8 @@ async def _swap(
     take_late: bool,
 ) -> tuple[int, float, int]:
     """Step 4: under the table's lock, ``part`` out and the sorted copies in; returns the rows
-    they hold, how long the lock was held (from granted to committed), and the rows it moved
-    from the side table.
+    they hold, how long the lock was held (from granted to the commit, whose deletion of the
+    old files comes after the locks are released), and the rows it moved from the side table.
 
     Rows captured since the catch-up are moved here only with ``take_late``: otherwise the
     swap is called off (``_JustArrived``), since a snapshot taken just before this commit would
@@ -625,9 +630,11 @@ async def _swap(
             )
             rows = sum(int(json.loads(n[0])[STATE_KEY]["rows"]) for n in notes)
             await conn.execute(await _swap_script(conn, part, pieces, late, now, notes))
+            # The commit follows: it releases the locks first, then deletes the old files.
+            done = time.perf_counter()
     except asyncpg.LockNotAvailableError:
         raise _Busy(f"a lock was not granted within {lock_timeout_s:g} s") from None
-    return rows, time.perf_counter() - locked, moved
+    return rows, done - locked, moved
 
 
 async def _swap_script(
