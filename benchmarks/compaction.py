@@ -17,7 +17,7 @@ Needs about 2.5x the table's size on disk while the sorted copy exists (~600 byt
 all). ``--private-server`` runs a server of its own on a free port instead of the one the tests
 find (nothing else competes for the disk and the locks).
 
-    python -m benchmarks.compaction [--rows 3000000] [--symbols 20] [--days 30] [--repeat 3]
+    python -m benchmarks.compaction [--rows 3000000] [--symbols 20] [--days 30] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--symbols", type=int, default=20)
     parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--private-server", action="store_true")
     args = parser.parse_args()
     with server(args.private_server) as url, bench_database(url, "0003") as db:

@@ -34,6 +34,7 @@ from test_partitions import (
 from typer.testing import CliRunner
 
 from orderbook_store.cli.partitions import app as partitions_app
+from orderbook_store.errors import ConfigError
 from orderbook_store.ops import compaction, migrations, partitions
 from orderbook_store.ops.doctor import run_checks
 from orderbook_store.ops.roles import RoleNames, roles_sql
@@ -368,7 +369,7 @@ def kill_after(run: subprocess.Popen[str], line_has: str, nth: int, delay_s: flo
 
 @pytest.mark.slow
 async def test_a_killed_compaction_resumes_and_completes_with_every_row(
-    make_database: MakeDb,
+    make_database: MakeDb, tmp_path: Path
 ) -> None:
     # January as it was adopted by 0004: closed by the real clock, as cron would see it.
     url = await legacy_at_head(make_database, 240_000)
@@ -392,6 +393,10 @@ async def test_a_killed_compaction_resumes_and_completes_with_every_row(
             assert (await exact(url))[:2] == (before[0] + late, before[1] + _late_ids(late))
             with pytest.raises(asyncpg.ObjectInUseError, match="being compacted"):
                 await execute(url, "DELETE FROM orderbook_data WHERE id = 1")
+            doctor = (await run_checks(Settings(database_url=url, spool_dir=tmp_path))).check(
+                "compaction"
+            )
+            assert doctor.status == "warn" and "interrupted" in doctor.value, doctor
         await execute(
             url,
             "INSERT INTO orderbook_data (id, symbol, timestamp, local_timestamp) "
@@ -429,6 +434,18 @@ def _late_ids(count: int) -> int:
 # -- the command line and doctor -----------------------------------------------------------------
 
 
+def test_compact_refuses_an_unknown_period_and_an_unpartitioned_table(
+    make_database: MakeDb,
+) -> None:
+    url = make_database()
+    migrations.upgrade(Settings(database_url=url), "0003")
+    with pytest.raises(partitions.PartitionError, match="upgrade"):
+        asyncio.run(compact(url))
+    migrations.upgrade(Settings(database_url=url), "head")
+    with pytest.raises(ConfigError, match="'fortnight'"):
+        asyncio.run(compact(url, period="fortnight"))
+
+
 def test_compact_command_line_list_and_doctor(make_database: MakeDb, tmp_path: Path) -> None:
     url = asyncio.run(legacy_at_head(make_database, 6_000))
     env = {"DATABASE_URL": url}
@@ -439,6 +456,10 @@ def test_compact_command_line_list_and_doctor(make_database: MakeDb, tmp_path: P
     assert doctor.status == "warn"
     assert doctor.value.startswith("0 of 1 closed partitions compacted")
     assert "orderbook-store partitions compact" in doctor.detail
+
+    pooled = runner.invoke(partitions_app, ["compact"], env={**env, "DB_PGBOUNCER": "true"})
+    assert isinstance(pooled.exception, partitions.PartitionError)
+    assert "not through PgBouncer" in str(pooled.exception)
 
     dry = runner.invoke(partitions_app, ["compact", "--dry-run"], env=env)
     assert dry.exit_code == 0, dry.output
@@ -526,3 +547,30 @@ async def test_an_older_snapshot_of_another_role_is_waited_for_and_late_rows_kep
         after = await checksum(admin)
         assert after[0] == before[0] + 1
         assert await leftovers(admin) == []
+
+
+@pytest.mark.slow
+async def test_a_writer_is_never_held_up_long_by_a_compaction(make_database: MakeDb) -> None:
+    """A probe inserting every 20 ms while the adopted history is split: its longest insert is
+    what a writer feels (the swap's lock, and nothing else)."""
+    url = await legacy_at_head(make_database, 300_000)
+    latencies: list[float] = []
+    conn = await asyncpg.connect(url)
+    try:
+        run = await asyncio.to_thread(start_compaction, url)
+        while run.poll() is None:
+            now_us = int(time.time() * 1e6)
+            started = time.perf_counter()
+            await conn.execute(
+                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+                f"VALUES ('PROBEUSDT', {now_us}, {now_us})"
+            )
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+    out, err = await asyncio.to_thread(run.communicate)
+    assert run.returncode == 0, err
+    assert "swapped orderbook_data_history" in out
+    assert len(latencies) > 20
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from orderbook_store.cli.common import run_with_engine
 from orderbook_store.ops import compaction, partitions
+from orderbook_store.settings import Settings
 from orderbook_store.times import parse_age
 
 app = typer.Typer(
@@ -150,6 +151,11 @@ def compact(
     split into one partition per period. Writers and readers carry on; each swap locks the
     table for milliseconds. Idempotent and resumable: run it daily, after ensure.
     """
+    if Settings().behind_pgbouncer:
+        raise partitions.PartitionError(
+            "compact holds a session of its own (a session lock): connect to the server "
+            "directly (DigitalOcean's port 25060), not through PgBouncer"
+        )
     if dry_run:
         for part in run_with_engine(compaction.compactable):
             typer.echo(f"would compact {part.name} ({_day(part.start)} .. {_day(part.end)})")

@@ -211,7 +211,8 @@ async def compact(
     attempts are retried for a few minutes before ``PartitionError``. ``snapshot_wait_s``
     bounds the wait for older transactions before a swap. ``now`` (aware UTC) is for tests;
     ``progress`` gets one line per step. Costs one sorted copy of each partition (disk for it
-    until the swap) and ``VACUUM`` of the copy.
+    until the swap) and ``VACUUM`` of the copy. Holds one connection as its own session for the
+    whole run (a session lock): not through PgBouncer's transaction pooling.
     """
     say = progress or (lambda _line: None)
     now_us = _now_us() if now is None else _us(now)
@@ -244,7 +245,9 @@ async def _run(
     snapshot_wait_s: float,
     say: ProgressFn,
 ) -> CompactResult:
-    kind = await conn.fetchval(f"SELECT relkind::text FROM pg_class WHERE oid = to_regclass('{TABLE}')")
+    kind = await conn.fetchval(
+        f"SELECT relkind::text FROM pg_class WHERE oid = to_regclass('{TABLE}')"
+    )
     if kind != "p":
         raise PartitionError(parts.NOT_PARTITIONED)
     found = sorted(
