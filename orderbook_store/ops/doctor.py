@@ -28,7 +28,8 @@ from orderbook_store.engine import connector
 from orderbook_store.errors import OrderbookStoreError
 from orderbook_store.models import OrderbookData
 from orderbook_store.ops import migrations
-from orderbook_store.ops.compaction import CAPTURE, SESSION_LOCK_KEY
+from orderbook_store.ops.compaction import SESSION_LOCK_KEY
+from orderbook_store.ops.compaction_steps import CAPTURE
 from orderbook_store.ops.partitions import COMPACTED_NOTE
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
