@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_partitions import (
     DAY_US,
@@ -574,3 +576,77 @@ async def test_a_writer_is_never_held_up_long_by_a_compaction(make_database: Mak
     assert "swapped orderbook_data_history" in out
     assert len(latencies) > 20
     assert max(latencies) < 0.5, sorted(latencies)[-5:]
+
+
+# -- other maintenance at the same time -----------------------------------------------------------
+
+
+async def test_a_partition_pruned_while_it_is_compacted_is_left_to_prune(
+    make_database: MakeDb, tmp_path: Path
+) -> None:
+    url = await legacy_at_head(make_database, 30_000)
+    before = await exact(url)
+    run = await asyncio.to_thread(start_compaction, url)
+    assert run.stdout is not None
+    for line in run.stdout:  # paused right after its first sorted copy
+        if line.startswith("built "):
+            run.send_signal(signal.SIGSTOP)
+            break
+    try:
+        async with engine_on(url) as engine:
+            pruned = await partitions.prune(engine, dt.date(2024, 2, 1), archive_dir=tmp_path)
+    finally:
+        run.send_signal(signal.SIGCONT)
+    out, err = await asyncio.to_thread(run.communicate)
+    assert run.returncode == 0, err
+    assert "skipped orderbook_data_history" in out
+    assert pruned.dropped == ["orderbook_data_history"]
+    assert pruned.rows == before[0]
+    assert await leftovers(url) == []
+    assert (await exact(url))[0] == 0
+
+
+async def test_compactions_ensure_and_prune_at_once_take_turns(
+    make_database: MakeDb, tmp_path: Path
+) -> None:
+    url = await legacy_at_head(make_database, 30_000)
+    async with engine_on(url) as engine:
+        await partitions.ensure(
+            engine, ahead=2, since=dt.date(2024, 2, 1), today=dt.date(2024, 2, 1)
+        )
+    await fill(url, 6_000, start=JAN_1_2024 + 31 * DAY_US, span=3 * DAY_US)  # Feb 1 to 3
+    feb_1 = JAN_1_2024 + 31 * DAY_US
+    february = await fetch(
+        url, f"SELECT count(*), sum(id) FROM orderbook_data WHERE timestamp >= {feb_1}"
+    )
+    february_exact = await fetch(
+        url,
+        "SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM orderbook_data o "
+        f"WHERE timestamp >= {feb_1}",
+    )
+    after_feb_3 = dt.datetime(2024, 2, 4, tzinfo=UTC)
+    async with engine_on(url) as engine:
+        first, second, _ensured, pruned = await asyncio.gather(
+            compaction.compact(engine, now=after_feb_3),
+            compaction.compact(engine, now=after_feb_3),
+            partitions.ensure(engine, ahead=2),
+            partitions.prune(engine, dt.date(2024, 2, 1), archive_dir=tmp_path),
+        )
+        listed = await partitions.list_partitions(engine)
+    # January went to the archive, whole and once, whether as one partition or as 30 days
+    assert pruned.rows == 30_000
+    archived = pa.concat_tables(pq.read_table(path) for path in pruned.files)
+    assert archived.num_rows == 30_000
+    assert len(set(archived.column("id").to_pylist())) == 30_000
+    # February was compacted once, by one of the two runs, and nothing else changed
+    feb = {f"orderbook_data_p2024020{day}" for day in (1, 2, 3)}
+    done = [name for run in (first, second) for c in run.compacted for name in c.partitions]
+    assert feb <= set(done)
+    assert len(done) == len(set(done))
+    assert all(p.compacted_at is not None for p in listed if p.name in feb)
+    assert await fetch(url, "SELECT count(*), sum(id) FROM orderbook_data") == february
+    assert (
+        await fetch(url, "SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM orderbook_data o")
+        == february_exact
+    )
+    assert await leftovers(url) == []

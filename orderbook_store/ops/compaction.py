@@ -171,9 +171,16 @@ async def compact(
     async with engine.connect() as sa_conn:
         try:
             conn = await raw_connection(sa_conn)
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", SESSION_LOCK_KEY):
-                say("another compaction is running: waiting for it to finish")
-                await conn.execute(f"SELECT pg_advisory_lock({SESSION_LOCK_KEY})")
+            # Polled, not waited for in one statement: a waiting statement holds a snapshot, and
+            # the running compaction waits for old snapshots to end before each swap.
+            said = False
+            while not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1::bigint)", SESSION_LOCK_KEY
+            ):
+                if not said:
+                    say("another compaction is running: waiting for it to finish")
+                    said = True
+                await asyncio.sleep(0.5)
             await _session_settings(conn)
             return await _run(conn, period, now_us, lock_timeout_s, snapshot_wait_s, say)
         finally:
@@ -257,6 +264,28 @@ async def _compact_one(
         except steps.Gone:
             say(f"skipped {part.name}: no longer attached")
             return None
+    try:
+        return await _build_and_swap(
+            conn, part, pieces, built, late, lock_timeout_s, snapshot_wait_s, say, started
+        )
+    except steps.Gone:
+        await steps.abandon(conn, part.name, [p.staging for p in pieces], late, lock_timeout_s)
+        say(f"skipped {part.name}: it was detached meanwhile; its sorted copies are dropped")
+        return None
+
+
+async def _build_and_swap(
+    conn: asyncpg.Connection,
+    part: PartitionInfo,
+    pieces: list[steps.Piece],
+    built: dict[str, dict[str, Any]],
+    late: str,
+    lock_timeout_s: float,
+    snapshot_wait_s: float,
+    say: ProgressFn,
+    started: float,
+) -> CompactedPartition:
+    """Steps 2 to 4 (``steps.Gone`` when ``part`` is detached meanwhile)."""
     for stale in set(built) - {piece.staging for piece in pieces}:  # made for another period
         await steps.drop_table(conn, stale)
     for piece in pieces:
@@ -297,10 +326,6 @@ async def _compact_one(
             await asyncio.sleep(steps.LOCK_RETRY_DELAYS_S[busy])
             busy += 1
             continue
-        except steps.Gone:
-            await steps.abandon(conn, part.name, [p.staging for p in pieces], late, lock_timeout_s)
-            say(f"skipped {part.name}: it was detached meanwhile; its sorted copies are dropped")
-            return None
         late_rows += moved
         names = [p.name for p in pieces]
         shown = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"

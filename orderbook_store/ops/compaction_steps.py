@@ -132,8 +132,11 @@ def _capture_functions() -> str:
 CREATE OR REPLACE FUNCTION {CAPTURE}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
-    EXECUTE format('INSERT INTO %I.%I ({_COLUMNS}) VALUES ({values})',
-                   TG_TABLE_SCHEMA, TG_ARGV[0]) USING NEW;
+    -- An abandoned compaction's side table may be gone before its trigger: never refuse a row.
+    IF to_regclass(format('%I.%I', TG_TABLE_SCHEMA, TG_ARGV[0])) IS NOT NULL THEN
+        EXECUTE format('INSERT INTO %I.%I ({_COLUMNS}) VALUES ({values})',
+                       TG_TABLE_SCHEMA, TG_ARGV[0]) USING NEW;
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -160,6 +163,7 @@ async def start_capture(
         if await attached_bound(conn, part.name) != (part.start_us, part.end_us):
             raise Gone
         table = _q(part.name)
+        await _drop_triggers(conn, part.name)  # of an attempt abandoned while it was busy
         await conn.execute(
             _capture_functions()
             + f"""
@@ -219,11 +223,16 @@ async def build(conn: asyncpg.Connection, part: PartitionInfo, piece: Piece, *, 
         where = f"symbol = ANY ({_SYMBOLS.format(source=_q(part.name))}) AND {in_range}"
     key, indexes = await _parent_indexes(conn)
     async with conn.transaction():
+        if await attached_bound(conn, part.name) != (part.start_us, part.end_us):
+            raise Gone
         await conn.execute(f"CREATE TABLE {table} (LIKE {TABLE} INCLUDING DEFAULTS)")
-        status = await conn.execute(
-            f"INSERT INTO {table} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_q(part.name)} "
-            f'WHERE {where} ORDER BY symbol, "timestamp", id'
-        )
+        try:
+            status = await conn.execute(
+                f"INSERT INTO {table} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_q(part.name)} "
+                f'WHERE {where} ORDER BY symbol, "timestamp", id'
+            )
+        except asyncpg.UndefinedTableError:  # dropped since (pruned)
+            raise Gone from None
         rows = int(status.split()[-1])
         await conn.execute(
             f"ALTER TABLE {table} ADD CONSTRAINT {_q(piece.staging + '_range')} "
@@ -492,17 +501,31 @@ async def abandon(
     late: str | None,
     lock_timeout_s: float,
 ) -> None:
-    async def drop() -> None:
+    """Drop an attempt's tables, then its triggers on ``source``. When ``source`` is busy (a
+    ``prune`` exporting it, say) its triggers stay for the next run to drop: the capture
+    function skips a missing side table and the guard still only refuses changes."""
+    async with conn.transaction():
+        for table in [*tables, *([late] if late else [])]:
+            await conn.execute(f"DROP TABLE IF EXISTS {_q(table)}")
+    try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
             await conn.execute(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})")
-            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", _q(source)):
-                for trigger in (CAPTURE, GUARD, GUARD_TRUNCATE):
-                    await conn.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {_q(source)}")
-            for table in [*tables, *([late] if late else [])]:
-                await conn.execute(f"DROP TABLE IF EXISTS {_q(table)}")
+            await _drop_triggers(conn, source)
+    except asyncpg.LockNotAvailableError:
+        pass
 
-    await with_retries(drop, lock_timeout_s, lambda _line: None)
+
+async def _drop_triggers(conn: asyncpg.Connection, source: str) -> None:
+    """Drop this package's triggers on ``source``, only those there are (a ``DROP TRIGGER``
+    locks the table out even when the trigger does not exist)."""
+    found = await conn.fetch(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY ($2)",
+        _q(source),
+        [CAPTURE, GUARD, GUARD_TRUNCATE],
+    )
+    for (trigger,) in found:
+        await conn.execute(f"DROP TRIGGER {_q(trigger)} ON {_q(source)}")
 
 
 async def drop_functions_if_unused(conn: asyncpg.Connection) -> None:
