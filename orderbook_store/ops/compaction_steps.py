@@ -42,6 +42,8 @@ DEFAULT_EXCLUSION = "orderbook_compaction_elsewhere"
 LOCK_RETRY_DELAYS_S = (0.5, 1, 1, 2, 2, 4, 4, 8, 8, 15, 15, 30, 30, 30, 30, 30, 30)
 #: Swaps put off because rows arrived just before the lock; the next one moves them itself.
 LATE_RETRIES = 2
+#: ``work_mem`` of the sorted copy's transaction.
+SORT_MEMORY = "64MB"
 
 
 _COLUMNS = ", ".join(f'"{c}"' for c in TABLE_COLUMNS)
@@ -223,6 +225,9 @@ async def build(conn: asyncpg.Connection, part: PartitionInfo, piece: Piece, *, 
         where = f"symbol = ANY ({_SYMBOLS.format(source=_q(part.name))}) AND {in_range}"
     key, indexes = await _parent_indexes(conn)
     async with conn.transaction():
+        # The sort of a day's rows: in memory up to here, on disk beyond (a small server's
+        # default of 4MB spills a few tens of thousands of rows already).
+        await conn.execute(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
         if await attached_bound(conn, part.name) != (part.start_us, part.end_us):
             raise Gone
         await conn.execute(f"CREATE TABLE {table} (LIKE {TABLE} INCLUDING DEFAULTS)")
