@@ -40,7 +40,6 @@ EXPECTED_CHECKS = {
     "migrations",
     "table",
     "partitions",
-    "compaction",
     "indexes",
     "clock",
     "spool",
