@@ -43,6 +43,34 @@ ORDER BY c.relname
 """
 
 
+def _tidy_names(*parents: str) -> str:
+    """Names each partition's copy of these parent indexes ``<parent>_<partition suffix>``,
+    as 0004 does (its TIDY_INDEX_NAMES), so plans read like the plain table's."""
+    names = ", ".join(f"'{parent}'" for parent in parents)
+    return f"""
+DO $names$
+DECLARE r record;
+BEGIN
+    FOR r IN
+        SELECT child.relname AS child,
+               left(parent.relname || '_' || regexp_replace(t.relname, '^orderbook_data_', ''),
+                    63) AS wanted
+        FROM pg_inherits h
+        JOIN pg_class child ON child.oid = h.inhrelid
+        JOIN pg_class parent ON parent.oid = h.inhparent
+        JOIN pg_index x ON x.indexrelid = child.oid
+        JOIN pg_class t ON t.oid = x.indrelid
+        WHERE parent.relname IN ({names})
+    LOOP
+        IF r.child <> r.wanted THEN
+            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
+        END IF;
+    END LOOP;
+END
+$names$
+"""
+
+
 def _build_brin_concurrently() -> None:
     bind = op.get_bind()
     op.execute(f"DROP INDEX IF EXISTS {BUILDING}")  # a leftover of an interrupted attempt
@@ -63,57 +91,11 @@ def upgrade() -> None:
     op.execute(f"DROP INDEX {BRIN}")
     op.execute(f"ALTER INDEX {BUILDING} RENAME TO {BRIN}")
     # Each partition's copy named after its table, as 0004 names them.
-    op.execute(
-        """
-DO $names$
-DECLARE r record;
-BEGIN
-    FOR r IN
-        SELECT child.relname AS child,
-               left('idx_orderbook_created_at_' || regexp_replace(t.relname, '^orderbook_data_',
-                    ''), 63) AS wanted
-        FROM pg_inherits h
-        JOIN pg_class child ON child.oid = h.inhrelid
-        JOIN pg_index x ON x.indexrelid = child.oid
-        JOIN pg_class t ON t.oid = x.indrelid
-        WHERE h.inhparent = 'idx_orderbook_created_at'::regclass
-    LOOP
-        IF r.child <> r.wanted THEN
-            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
-        END IF;
-    END LOOP;
-END
-$names$
-"""
-    )
+    op.execute(_tidy_names(BRIN))
 
 
 def downgrade() -> None:
     op.execute(f"DROP INDEX {BRIN}")
     op.create_index(BRIN, "orderbook_data", ["created_at"])
     op.create_index("idx_orderbook_symbol", "orderbook_data", ["symbol"])
-    # 0004's naming of each partition's copy (its TIDY_INDEX_NAMES), for these two.
-    op.execute(
-        """
-DO $names$
-DECLARE r record;
-BEGIN
-    FOR r IN
-        SELECT child.relname AS child,
-               left(parent.relname || '_' || regexp_replace(t.relname, '^orderbook_data_', ''),
-                    63) AS wanted
-        FROM pg_inherits h
-        JOIN pg_class child ON child.oid = h.inhrelid
-        JOIN pg_class parent ON parent.oid = h.inhparent
-        JOIN pg_index x ON x.indexrelid = child.oid
-        JOIN pg_class t ON t.oid = x.indrelid
-        WHERE parent.relname IN ('idx_orderbook_created_at', 'idx_orderbook_symbol')
-    LOOP
-        IF r.child <> r.wanted THEN
-            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
-        END IF;
-    END LOOP;
-END
-$names$
-"""
-    )
+    op.execute(_tidy_names(BRIN, "idx_orderbook_symbol"))
