@@ -266,6 +266,8 @@ def test_upgrade_never_goes_back_and_reports_json(empty: str, tmp_path: Path) ->
         (["partitions", "ensure", "--ahead", "-1"], "--ahead", ""),
         (["partitions", "ensure", "--ahead", "many"], "--ahead", ""),
         (["partitions", "ensure", "--lock-timeout", "0"], "--lock-timeout", ""),
+        (["partitions", "compact", "--period", "year"], "--period", "year"),
+        (["partitions", "compact", "--lock-timeout", "0"], "--lock-timeout", ""),
         (["partitions", "prune", "--older-than", "5x"], "--older-than", "5x"),
         (["partitions", "prune", "--older-than", "99999999999d"], "--older-than", "99999999999d"),
         (["export", "--start", "yesterday"], "--start", "yesterday"),
@@ -389,6 +391,23 @@ def test_partitions_ensure_since_creates_a_backfill_s_days(migrated: str, tmp_pa
     assert "0 created" in said and f"since {since.isoformat()}" in said
     assert first in ok(cli("partitions", "list"))
 
+    # Compaction: rows in a closed day are rewritten in order, every one kept.
+    old_day_us = int(dt.datetime.combine(since, dt.time(), dt.timezone.utc).timestamp()) * 1_000_000
+    asyncio.run(
+        admin_execute(
+            migrated,
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+            f"SELECT 'BTCUSDT', {old_day_us} + g, {old_day_us} + g FROM generate_series(1, 500) g",
+        )
+    )
+    assert f"would compact {first}" in ok(cli("partitions", "compact", "--dry-run"))
+    compact = ["--period", "day", "--lock-timeout", "1", "--json"]
+    compacted = json.loads(ok(cli("partitions", "compact", *compact)))
+    rows = {c["source"]: c["rows"] for c in compacted["compacted"]}
+    assert rows[first] == 500 and sum(rows.values()) == 500  # every closed day, empty or not
+    again = json.loads(ok(cli("partitions", "compact", "--json")))
+    assert again["compacted"] == [] and again["already_compacted"] >= 1
+
     would = json.loads(ok(cli("partitions", "prune", "--older-than", "7d", "--dry-run", "--json")))
     assert would["dry_run"] is True and first in would["dropped"]
     assert "would drop" in ok(cli("partitions", "prune", "--older-than", "7d", "--dry-run"))
@@ -433,6 +452,7 @@ def test_every_command_and_option_is_known_to_these_tests() -> None:
         "partitions": set(),
         "partitions ensure": {"--ahead", "--period", "--since", "--lock-timeout", "--json"},
         "partitions list": {"--json"},
+        "partitions compact": {"--period", "--lock-timeout", "--dry-run", "--json"},
         "partitions prune": {"--older-than", "--archive", "--yes", "--dry-run", "--json"},
     }
     found: dict[str, set[str]] = {}

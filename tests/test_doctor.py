@@ -40,6 +40,7 @@ EXPECTED_CHECKS = {
     "migrations",
     "table",
     "partitions",
+    "compaction",
     "indexes",
     "clock",
     "spool",

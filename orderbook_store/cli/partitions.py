@@ -1,4 +1,4 @@
-"""``orderbook-store partitions ...``: keep partitions ahead of time, list them, prune old ones.
+"""``orderbook-store partitions ...``: keep partitions ahead, list, compact and prune them.
 
 Each command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``DATABASE_URL``)
 and does its work through ``orderbook_store.ops.partitions``.
@@ -16,12 +16,13 @@ from rich.table import Table
 
 from orderbook_store.cli.common import run_with_engine, text_console
 from orderbook_store.errors import ConfigError
-from orderbook_store.ops import partitions
+from orderbook_store.ops import compaction, partitions
 from orderbook_store.quote_checks import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US
+from orderbook_store.settings import Settings
 from orderbook_store.times import day_start_us, parse_age, parse_day
 
 app = typer.Typer(
-    help="Manage orderbook_data's date partitions: ensure, list, prune.",
+    help="Manage orderbook_data's date partitions: ensure, list, compact, prune.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -144,7 +145,7 @@ def ensure(
 def list_(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
-    """Show every partition: name, date range, estimated rows, size on disk."""
+    """Show every partition: name, date range, estimated rows, size on disk, when compacted."""
     found = run_with_engine(partitions.list_partitions)
     if as_json:
         for part in found:
@@ -158,6 +159,9 @@ def list_(
                         "end_us": part.end_us,
                         "estimated_rows": part.estimated_rows,
                         "size_bytes": part.size_bytes,
+                        "compacted_at": (
+                            part.compacted_at.isoformat() if part.compacted_at else None
+                        ),
                     }
                 )
             )
@@ -168,6 +172,7 @@ def list_(
     table.add_column("to (UTC, excl.)", no_wrap=True)
     table.add_column("rows (est.)", justify="right")
     table.add_column("size", justify="right")
+    table.add_column("compacted (UTC)", no_wrap=True)
     for part in found:
         rows = "-" if part.estimated_rows is None else f"{part.estimated_rows:,}"
         table.add_row(
@@ -176,8 +181,69 @@ def list_(
             "" if part.is_default else _day(part.end),
             rows,
             _size(part.size_bytes),
+            "-" if part.compacted_at is None else f"{part.compacted_at:%Y-%m-%d %H:%M}",
         )
     text_console().print(table)
+
+
+@app.command()
+def compact(
+    period: Annotated[
+        str | None,
+        typer.Option(
+            help="day, week or month (default: the period the table already uses).",
+            parser=_period_option,
+        ),
+    ] = None,
+    lock_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds each attempt waits for the table lock before retrying.",
+            min=0.001,
+            max=60.0,
+        ),
+    ] = 0.2,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what would be done.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The summary as JSON on stdout; progress on stderr.")
+    ] = False,
+) -> None:
+    """Rewrite closed partitions in (symbol, timestamp, id) order, one per period.
+
+    Closed: the whole range is in the past. The historical partition of an adopted table is
+    split into one partition per period. Writers and readers carry on; each swap locks the
+    table for milliseconds. Idempotent and resumable: run it daily, after ensure.
+    """
+    if Settings().behind_pgbouncer:
+        raise partitions.PartitionError(
+            "compact holds a session of its own (a session lock): connect to the server "
+            "directly (DigitalOcean's port 25060), not through PgBouncer"
+        )
+    if dry_run:
+        for part in run_with_engine(compaction.compactable):
+            typer.echo(f"would compact {part.name} ({_day(part.start)} .. {_day(part.end)})")
+        return
+
+    def say(line: str) -> None:
+        typer.echo(line, err=as_json)
+
+    result = run_with_engine(
+        lambda engine: compaction.compact(
+            engine, period=period, lock_timeout_s=lock_timeout, progress=say
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    made = sum(len(c.partitions) for c in result.compacted)
+    late = sum(c.late_rows for c in result.compacted)
+    typer.echo(
+        f"{len(result.compacted)} partitions compacted into {made}, {result.rows:,} rows "
+        f"({late:,} arrived meanwhile); longest lock {result.longest_lock_s * 1000:.0f} ms; "
+        f"{result.already_compacted} already compacted"
+    )
 
 
 @app.command()

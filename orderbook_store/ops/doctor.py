@@ -28,6 +28,9 @@ from orderbook_store.engine import connector
 from orderbook_store.errors import OrderbookStoreError
 from orderbook_store.models import OrderbookData
 from orderbook_store.ops import migrations
+from orderbook_store.ops.compaction import SESSION_LOCK_KEY
+from orderbook_store.ops.compaction_steps import CAPTURE
+from orderbook_store.ops.partitions import COMPACTED_NOTE
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
 from orderbook_store.write.spool_dirs import survey, target_directory
@@ -44,6 +47,8 @@ SKEW_FAIL_S = 30.0
 CONNECTIONS_WARN = 0.8
 #: Days of partitions that should exist ahead of today.
 PARTITIONS_AHEAD_WARN_DAYS = 2.0
+#: Days after its end that a partition may stay uncompacted (the daily job does yesterday's).
+COMPACTION_WARN_DAYS = 2.0
 
 _TABLE = OrderbookData.__tablename__
 
@@ -325,7 +330,8 @@ async def _partition_check(report: Report, conn: asyncpg.Connection, kind: str) 
         return
     rows = await conn.fetch(
         """
-        SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
+        SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound,
+               obj_description(c.oid, 'pg_class') AS note
         FROM pg_partition_tree(to_regclass($1)) t JOIN pg_class c ON c.oid = t.relid
         WHERE t.isleaf AND t.level > 0
         """,
@@ -369,6 +375,60 @@ async def _partition_check(report: Report, conn: asyncpg.Connection, kind: str) 
         f"{len(rows)} partitions, {ahead_days:.1f} days ahead",
         advice,
     )
+    await _compaction_check(report, conn, rows)
+
+
+async def _compaction_check(
+    report: Report, conn: asyncpg.Connection, rows: list[asyncpg.Record]
+) -> None:
+    """Closed partitions (their range wholly past) should be compacted by the daily job; an
+    interrupted compaction keeps its partition's late rows aside until a run finishes it."""
+    now = time.time()
+    closed = [
+        (row["relname"], upper, bool(COMPACTED_NOTE.match(row["note"] or "")))
+        for row in rows
+        if (upper := _upper_bound_s(row["bound"])) is not None and upper <= now
+    ]
+    done = sum(compacted for _, _, compacted in closed)
+    value = f"{done} of {len(closed)} closed partitions compacted"
+    overdue = [
+        (upper, name)
+        for name, upper, compacted in closed
+        if not compacted and upper < now - COMPACTION_WARN_DAYS * 86400
+    ]
+    running = await conn.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = 0 AND objid = $1 AND objsubid = 1 "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        SESSION_LOCK_KEY,
+    )
+    captured = await conn.fetch(
+        "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE t.tgname = $1 ORDER BY 1",
+        CAPTURE,
+    )
+    run_it = "run `orderbook-store partitions compact` as the owner"
+    if running is not None:
+        report.add("compaction", "info", value, f"a compaction is running now (pid {running})")
+    elif captured:
+        names = ", ".join(row["relname"] for row in captured)
+        report.add(
+            "compaction",
+            "warn",
+            value + "; one was interrupted",
+            f"{names}: rows written to it meanwhile are held aside and its rows cannot be "
+            f"changed until it finishes: {run_it} to finish it",
+        )
+    elif overdue:
+        ended = dt.datetime.fromtimestamp(min(overdue)[0], dt.timezone.utc)
+        report.add(
+            "compaction",
+            "warn",
+            f"{value}; {len(overdue)} overdue",
+            f"{min(overdue)[1]} ended {ended:%Y-%m-%d}: {run_it} daily, after ensure",
+        )
+    else:
+        report.add("compaction", "ok", value)
 
 
 def _upper_bound_s(bound: str) -> float | None:

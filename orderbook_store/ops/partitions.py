@@ -9,7 +9,9 @@ partition. This module keeps it that way:
   and moves rows that landed in the default partition into partitions of their own periods;
 * ``list_partitions(engine)`` says what exists: name, range, estimated rows, size on disk;
 * ``prune(engine, older_than, archive_dir=...)`` detaches partitions wholly older than the
-  cutoff, exports them to Parquet, checks the file holds every row, then drops them.
+  cutoff, exports them to Parquet, checks the file holds every row, then drops them;
+* ``compaction.compact(engine)`` rewrites closed partitions in (symbol, timestamp, id) order
+  (its own module); ``PartitionInfo.compacted_at`` says which ones it did.
 
 Boundaries are whole UTC periods (weeks start on Monday, like ``date_trunc('week')``).
 Maintenance runs take a transaction-scoped advisory lock, so two deploys or collectors running
@@ -80,6 +82,17 @@ $names$
 
 _BOUND = re.compile(r"FROM \('(-?\d+)'\) TO \('(-?\d+)'\)")
 
+#: The order ``compact`` leaves a partition's rows in.
+ORDER = "(symbol, timestamp, id)"
+
+#: Reads the comment ``compacted_note`` writes on a compacted partition.
+COMPACTED_NOTE = re.compile(r"^compacted at (\S+): (\d+) rows")
+
+NOT_PARTITIONED = (
+    f"{TABLE} is not partitioned: bring the schema to head first "
+    "(orderbook-store upgrade, or alembic upgrade head)"
+)
+
 
 class PartitionError(OrderbookStoreError):
     """A partition maintenance step could not be done; the message says what to do."""
@@ -91,7 +104,8 @@ class PartitionInfo:
 
     ``start_us``/``end_us`` bound its range ``[start, end)`` in µs (``None`` for the default
     partition). ``estimated_rows`` is the planner's estimate (``None`` before the first
-    ``ANALYZE``); ``size_bytes`` counts the heap and its indexes.
+    ``ANALYZE``); ``size_bytes`` counts the heap and its indexes. ``compacted_at`` is when
+    ``compact`` rewrote it in (symbol, timestamp, id) order (``None``: never).
     """
 
     name: str
@@ -99,6 +113,7 @@ class PartitionInfo:
     end_us: int | None
     estimated_rows: int | None
     size_bytes: int
+    compacted_at: dt.datetime | None = None
 
     @property
     def is_default(self) -> bool:
@@ -203,6 +218,39 @@ def _gaps(start_us: int, end_us: int, taken: Sequence[tuple[int, int]]) -> list[
 # -- catalog ----------------------------------------------------------------------------------
 
 
+def partitions_sql(*, sizes: bool = True) -> str:
+    """The catalog query behind ``PartitionInfo``: one row per partition, for ``partition_of``."""
+    size = "pg_total_relation_size(c.oid)" if sizes else "0"
+    return f"""
+        SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound,
+               c.reltuples::bigint AS reltuples, {size} AS size,
+               obj_description(c.oid, 'pg_class') AS note
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = to_regclass('{TABLE}')
+    """
+
+
+def partition_of(
+    name: str, bound: str | None, reltuples: int, size: int, note: str | None
+) -> PartitionInfo:
+    """A row of ``partitions_sql`` as a ``PartitionInfo``."""
+    match = _BOUND.search(bound or "")
+    compacted = COMPACTED_NOTE.match(note or "")
+    return PartitionInfo(
+        name=name,
+        start_us=int(match.group(1)) if match else None,
+        end_us=int(match.group(2)) if match else None,
+        estimated_rows=None if reltuples < 0 else int(reltuples),
+        size_bytes=int(size),
+        compacted_at=dt.datetime.fromisoformat(compacted.group(1)) if compacted else None,
+    )
+
+
+def compacted_note(at: dt.datetime, rows: int) -> str:
+    """The table comment that records a compaction (``COMPACTED_NOTE`` reads it back)."""
+    return f"compacted at {at.isoformat(timespec='seconds')}: {rows} rows ordered by {ORDER}"
+
+
 async def _partitions(conn: AsyncConnection, *, sizes: bool = True) -> list[PartitionInfo]:
     is_partitioned = (
         await conn.execute(
@@ -211,34 +259,9 @@ async def _partitions(conn: AsyncConnection, *, sizes: bool = True) -> list[Part
         )
     ).scalar()
     if not is_partitioned:
-        raise PartitionError(
-            f"{TABLE} is not partitioned: bring the schema to head first "
-            "(orderbook-store upgrade, or alembic upgrade head)"
-        )
-    rows = await conn.execute(
-        text(
-            """
-            SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound,
-                   c.reltuples::bigint AS reltuples,
-                   CASE WHEN :sizes THEN pg_total_relation_size(c.oid) ELSE 0 END AS size
-            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = to_regclass(:table)
-            """
-        ),
-        {"table": TABLE, "sizes": sizes},
-    )
-    found: list[PartitionInfo] = []
-    for name, bound, reltuples, size in rows:
-        match = _BOUND.search(bound or "")
-        found.append(
-            PartitionInfo(
-                name=name,
-                start_us=int(match.group(1)) if match else None,
-                end_us=int(match.group(2)) if match else None,
-                estimated_rows=None if reltuples < 0 else int(reltuples),
-                size_bytes=int(size),
-            )
-        )
+        raise PartitionError(NOT_PARTITIONED)
+    rows = await conn.execute(text(partitions_sql(sizes=sizes)))
+    found = [partition_of(*row) for row in rows]
     found.sort(key=lambda p: (p.start_us is None, p.start_us or 0, p.name))
     return found
 
@@ -306,7 +329,7 @@ def _plan(
     return ranges
 
 
-def _partition_name(start_us: int, end_us: int, existing: set[str]) -> str:
+def partition_name(start_us: int, end_us: int, existing: set[str]) -> str:
     name = f"{TABLE}_p{from_us(start_us):%Y%m%d}"
     if name in existing or start_us % US_PER_DAY:
         name = f"{TABLE}_p{from_us(start_us):%Y%m%d%H%M%S}_{from_us(end_us):%Y%m%d%H%M%S}"
@@ -409,7 +432,7 @@ async def _ensure_batch(
             result.moved_rows = moved.rowcount or 0
         names = {p.name for p in partitions}
         for lo, hi in ranges:
-            name = _partition_name(lo, hi, names)
+            name = partition_name(lo, hi, names)
             names.add(name)
             await conn.execute(
                 text(f'CREATE TABLE "{name}" PARTITION OF {TABLE} FOR VALUES FROM ({lo}) TO ({hi})')
