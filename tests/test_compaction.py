@@ -143,12 +143,9 @@ async def test_compaction_splits_the_history_into_sorted_days_keeping_every_row_
     make_database: MakeDb,
 ) -> None:
     url = await legacy_at_head(make_database, 60_000)
-    async with engine_on(url) as engine:
-        # a daily partition that fills in arrival order, like every day after the upgrade
-        await partitions.ensure(
-            engine, ahead=1, since=dt.date(2024, 2, 1), today=dt.date(2024, 2, 1)
-        )
-    await fill(url, 4_000, start=JAN_1_2024 + 31 * DAY_US, span=2 * DAY_US)  # Feb 1 and 2
+    # The history's range reaches today (revision 0004 leaves room for the live writer), so
+    # late rows of Feb 1 and 2, 2024 land in it too; most of its ~1,000 days hold no row.
+    await fill(url, 4_000, start=JAN_1_2024 + 31 * DAY_US, span=2 * DAY_US)
     # rows no partition covers, in the default partition, which every attach must consider
     await execute(
         url,
@@ -157,37 +154,45 @@ async def test_compaction_splits_the_history_into_sorted_days_keeping_every_row_
     )
     before = await exact(url)
     assert (await fetch(url, OUT_OF_ORDER_SQL.format(table="orderbook_data_history")))[0][0] > 0
+    history = {p.name: p for p in await partitions_of(url)}["orderbook_data_history"]
+    assert history.end is not None
+    now = dt.datetime.now(UTC)
+    today = now.date()
+    # the writers' partitions: today's and tomorrow's, where the history's range has them
+    live = [d for d in (today, today + dt.timedelta(days=1)) if d < history.end.date()]
 
-    result = await compact(url, now=dt.datetime(2024, 2, 2, tzinfo=UTC))
+    result = await compact(url, now=now)
 
     assert await exact(url) == before
     january = [f"orderbook_data_p202401{day:02d}" for day in range(1, 31)]
-    assert [c.source for c in result.compacted] == [
-        "orderbook_data_history",
-        "orderbook_data_p20240201",
-    ]
-    assert result.compacted[0].partitions == january
-    assert result.compacted[1].partitions == ["orderbook_data_p20240201"]  # in place
-    assert result.rows == 62_000
+    february = ["orderbook_data_p20240201", "orderbook_data_p20240202"]
+    made = [f"orderbook_data_p{day:%Y%m%d}" for day in live]
+    assert [c.source for c in result.compacted] == ["orderbook_data_history"]
+    assert result.compacted[0].partitions == january + february + made
+    assert result.rows == 64_000
     assert result.compacted[0].late_rows == 0
     assert 0 < result.longest_lock_s < 0.5
     where = await where_rows_are(url)
     assert "orderbook_data_history" not in where
     assert [where[name] for name in january] == [2_000] * 30
-    for name in [*january, "orderbook_data_p20240201"]:
+    assert [where[name] for name in february] == [2_000, 2_000]
+    for name in january + february:
         assert (await fetch(url, OUT_OF_ORDER_SQL.format(table=name)))[0][0] == 0, name
-    # Feb 2 is not closed at `now`: left as it is, in arrival order
-    assert (await fetch(url, OUT_OF_ORDER_SQL.format(table="orderbook_data_p20240202")))[0][0] > 0
 
     listed = {p.name: p for p in await partitions_of(url)}
-    assert all(listed[name].compacted_at is not None for name in january)
-    assert listed["orderbook_data_p20240202"].compacted_at is None
+    # the empty days between are left to the default partition and to `ensure`
+    assert "orderbook_data_p20240203" not in listed
+    assert all(listed[name].compacted_at is not None for name in january + february)
+    # today's and tomorrow's are ordinary partitions, compacted once their day is over
+    assert all(listed[name].compacted_at is None for name in made)
     comment = await fetch(url, "SELECT obj_description('orderbook_data_p20240115'::regclass)")
     assert "2000 rows ordered by (symbol, timestamp, id)" in comment[0][0]
-    # a compacted day has exactly the shape of a day made by ensure
-    assert await shape(url, "orderbook_data_p20240115") == await shape(
-        url, "orderbook_data_p20240202"
+    # a compacted day has exactly the shape of a day the upgrade made ahead of time
+    ahead = min(
+        (p for p in listed.values() if p.start is not None and p.start >= history.end),
+        key=lambda p: p.start_us or 0,
     )
+    assert await shape(url, "orderbook_data_p20240115") == await shape(url, ahead.name)
     assert await leftovers(url) == []
     # the sequence goes on where it was
     await execute(
@@ -196,6 +201,54 @@ async def test_compaction_splits_the_history_into_sorted_days_keeping_every_row_
         f"VALUES ('ETHUSDT', {JAN_1_2024 + 5}, {JAN_1_2024 + 5})",
     )
     assert (await fetch(url, "SELECT max(id) FROM orderbook_data_p20240101"))[0][0] == 64_002
+
+
+async def test_a_live_writer_keeps_writing_into_the_history_while_it_is_split(
+    make_database: MakeDb,
+) -> None:
+    """Today's quotes flow into the history until the swap, then into today's partition; a
+    late quote for a day that held no row when the pieces were chosen is kept (in the default
+    partition, where any row no partition covers goes)."""
+    url = await legacy_at_head(make_database, 100_000)
+    before = await checksum(url)
+    added = gap = 0
+    async with (
+        engine_on(url) as engine,
+        OrderbookRepository(engine, batch_size=20, flush_interval_s=0.005) as repo,
+    ):
+        said: list[str] = []
+        task = asyncio.create_task(compaction.compact(engine, progress=said.append))
+        while not task.done() or added < 2_000:
+            chosen = any(line.startswith("built ") for line in said)  # the pieces are chosen
+            for k in range(10):
+                if k == 9 and chosen:  # a day of 2024 that held no row
+                    day_us = JAN_1_2024 + 200 * DAY_US
+                    gap += 1
+                else:
+                    day_us = int(time.time() * 1e6)
+                await repo.add(quote(SYMBOLS[k % 4], day_us + 7 + added + k))
+            added += 10
+            await asyncio.sleep(0.003)
+        result = await task
+        await repo.flush()
+    assert result.compacted[0].source == "orderbook_data_history"
+    stored = await fetch(
+        url, "SELECT count(*), count(DISTINCT id), count(DISTINCT (symbol, timestamp)) "
+        "FROM orderbook_data"
+    )
+    total = before[0] + added
+    assert tuple(stored[0]) == (total, total, total)
+    # today's quotes are in today's partition, not in the default one
+    gap_rows = await fetch(
+        url,
+        "SELECT count(*), count(*) FILTER (WHERE timestamp >= "
+        f"{JAN_1_2024 + 200 * DAY_US} AND timestamp < {JAN_1_2024 + 201 * DAY_US}) "
+        "FROM orderbook_data_default",
+    )
+    assert gap_rows[0][0] == gap_rows[0][1]
+    assert gap_rows[0][1] == gap > 0
+    assert "orderbook_data_p20240719" not in await where_rows_are(url)
+    assert await leftovers(url) == []
 
 
 async def partitions_of(url: str) -> list[partitions.PartitionInfo]:
@@ -454,9 +507,12 @@ def test_compact_command_line_list_and_doctor(make_database: MakeDb, tmp_path: P
     runner = CliRunner()
     settings = Settings(database_url=url, spool_dir=tmp_path)
 
+    # the history's range reaches today: not closed, but none of its days can be pruned
     doctor = asyncio.run(run_checks(settings)).check("compaction")
     assert doctor.status == "warn"
-    assert doctor.value.startswith("0 of 1 closed partitions compacted")
+    assert doctor.value == (
+        "0 of 0 closed partitions compacted; orderbook_data_history spans past days and today"
+    )
     assert "orderbook-store partitions compact" in doctor.detail
 
     pooled = runner.invoke(partitions_app, ["compact"], env={**env, "DB_PGBOUNCER": "true"})
@@ -465,14 +521,16 @@ def test_compact_command_line_list_and_doctor(make_database: MakeDb, tmp_path: P
 
     dry = runner.invoke(partitions_app, ["compact", "--dry-run"], env=env)
     assert dry.exit_code == 0, dry.output
-    assert "would compact orderbook_data_history (2024-01-01 .. 2024-01-31)" in dry.output
+    assert "would compact orderbook_data_history (2024-01-01 .. " in dry.output
 
     done = runner.invoke(partitions_app, ["compact", "--json"], env=env)
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 6_000
     assert summary["compacted"][0]["source"] == "orderbook_data_history"
-    assert len(summary["compacted"][0]["partitions"]) == 30
+    split = summary["compacted"][0]["partitions"]
+    assert split[:30] == [f"orderbook_data_p202401{day:02d}" for day in range(1, 31)]
+    assert len(split) in (31, 32)  # and today's (and tomorrow's, where the range has it)
     assert 0 < summary["longest_lock_s"] < 0.5
     assert "swapped orderbook_data_history" in done.stderr  # progress on stderr
 
@@ -584,7 +642,12 @@ async def test_a_writer_is_never_held_up_long_by_a_compaction(make_database: Mak
 async def test_a_partition_pruned_while_it_is_compacted_is_left_to_prune(
     make_database: MakeDb, tmp_path: Path
 ) -> None:
-    url = await legacy_at_head(make_database, 30_000)
+    url = await at_head(make_database)
+    async with engine_on(url) as engine:
+        await partitions.ensure(
+            engine, ahead=0, since=dt.date(2024, 2, 1), today=dt.date(2024, 2, 1)
+        )
+    await fill(url, 30_000, start=JAN_1_2024 + 31 * DAY_US, span=DAY_US)  # Feb 1
     before = await exact(url)
     run = await asyncio.to_thread(start_compaction, url)
     assert run.stdout is not None
@@ -594,13 +657,13 @@ async def test_a_partition_pruned_while_it_is_compacted_is_left_to_prune(
             break
     try:
         async with engine_on(url) as engine:
-            pruned = await partitions.prune(engine, dt.date(2024, 2, 1), archive_dir=tmp_path)
+            pruned = await partitions.prune(engine, dt.date(2024, 2, 2), archive_dir=tmp_path)
     finally:
         run.send_signal(signal.SIGCONT)
     out, err = await asyncio.to_thread(run.communicate)
     assert run.returncode == 0, err
-    assert "skipped orderbook_data_history" in out
-    assert pruned.dropped == ["orderbook_data_history"]
+    assert "skipped orderbook_data_p20240201" in out
+    assert pruned.dropped == ["orderbook_data_p20240201"]
     assert pruned.rows == before[0]
     assert await leftovers(url) == []
     assert (await exact(url))[0] == 0
@@ -609,11 +672,12 @@ async def test_a_partition_pruned_while_it_is_compacted_is_left_to_prune(
 async def test_compactions_ensure_and_prune_at_once_take_turns(
     make_database: MakeDb, tmp_path: Path
 ) -> None:
-    url = await legacy_at_head(make_database, 30_000)
+    url = await at_head(make_database)
     async with engine_on(url) as engine:
         await partitions.ensure(
-            engine, ahead=2, since=dt.date(2024, 2, 1), today=dt.date(2024, 2, 1)
+            engine, ahead=2, since=dt.date(2024, 1, 1), today=dt.date(2024, 2, 1)
         )
+    await fill(url, 30_000)  # January
     await fill(url, 6_000, start=JAN_1_2024 + 31 * DAY_US, span=3 * DAY_US)  # Feb 1 to 3
     feb_1 = JAN_1_2024 + 31 * DAY_US
     february = await fetch(
@@ -633,7 +697,7 @@ async def test_compactions_ensure_and_prune_at_once_take_turns(
             partitions.prune(engine, dt.date(2024, 2, 1), archive_dir=tmp_path),
         )
         listed = await partitions.list_partitions(engine)
-    # January went to the archive, whole and once, whether as one partition or as 30 days
+    # January went to the archive, whole and once, whether compacted first or not
     assert pruned.rows == 30_000
     archived = pa.concat_tables(pq.read_table(path) for path in pruned.files)
     assert archived.num_rows == 30_000

@@ -5,7 +5,12 @@ partition touches a block for every few rows; the same rows ordered by (symbol, 
 sit together, and the read touches a small fraction of the blocks. ``compact(engine)``
 rewrites every *closed* partition (its whole range in the past) not compacted yet, including
 the historical partition revision 0004 adopts from a plain table, which it splits into one
-partition per period so ``prune`` can retire its days one by one.
+partition per period so ``prune`` can retire its days one by one. That history's range reaches
+the period the upgrade ran in (the live writer's rows go into it), so it is split as soon as
+it spans a past period: each past period holding rows becomes a compacted partition, and the
+current and next periods ordinary ones, compacted once they are over; past periods without a
+row get no partition (a row written later for one goes to the default partition, as for any
+time no partition covers). Until the swap, the writers' rows pass through the capture trigger.
 
 How one partition ``P`` is compacted while writers and readers carry on:
 
@@ -60,7 +65,14 @@ from orderbook_store.ops.partitions import (
 from orderbook_store.pg.connection import raw_connection
 from orderbook_store.times import day_of, day_start_us, from_us
 
-__all__ = ["SESSION_LOCK_KEY", "CompactResult", "CompactedPartition", "compact", "compactable"]
+__all__ = [
+    "SESSION_LOCK_KEY",
+    "CompactResult",
+    "CompactedPartition",
+    "compact",
+    "compactable",
+    "reaching_now",
+]
 
 #: Key of the session advisory lock a compaction run holds from start to end.
 SESSION_LOCK_KEY = 0x0B5_9A28
@@ -116,29 +128,65 @@ def _closed(found: Sequence[PartitionInfo], now_us: int) -> list[PartitionInfo]:
     return [p for p in found if p.end_us is not None and p.end_us <= now_us]
 
 
+def reaching_now(
+    found: Sequence[PartitionInfo], period: Period, now_us: int
+) -> list[PartitionInfo]:
+    """Partitions spanning past periods and the current one: the history revision 0004 adopts
+    from a table still being written, whose range reaches the current period. Its past
+    periods are split out (compacted) and the rest becomes ordinary partitions."""
+    current = day_start_us(parts.period_start(day_of(now_us), period))
+    return [
+        p
+        for p in found
+        if p.start_us is not None and p.end_us is not None and p.start_us < current < p.end_us
+    ]
+
+
 async def compactable(
     engine: AsyncEngine, *, now: dt.datetime | None = None
 ) -> list[PartitionInfo]:
     """Closed partitions not compacted yet (what ``compact`` would rewrite), oldest first."""
     now_us = _now_us() if now is None else _us(now)
     found = await parts.list_partitions(engine)
-    return [p for p in _closed(found, now_us) if p.compacted_at is None]
+    return _todo(found, parts.infer_period(found), now_us)
 
 
-def _pieces(part: PartitionInfo, period: Period, taken: set[str]) -> list[steps.Piece]:
-    """``part``'s range cut at the boundaries of ``period``; names as ``ensure`` gives them."""
+def _todo(found: Sequence[PartitionInfo], period: Period, now_us: int) -> list[PartitionInfo]:
+    closed = [p for p in _closed(found, now_us) if p.compacted_at is None]
+    return closed + reaching_now(found, period, now_us)
+
+
+def _periods(part: PartitionInfo, period: Period) -> list[tuple[int, int]]:
+    """``part``'s range cut at the boundaries of ``period``."""
     assert part.start_us is not None and part.end_us is not None
-    pieces: list[steps.Piece] = []
+    cuts: list[tuple[int, int]] = []
     start = parts.period_start(day_of(part.start_us), period)
-    names = set(taken) - {part.name}
     while day_start_us(start) < part.end_us:
         following = parts.next_period(start, period)
         lo = max(day_start_us(start), part.start_us)
-        hi = min(day_start_us(following), part.end_us)
+        cuts.append((lo, min(day_start_us(following), part.end_us)))
+        start = following
+    return cuts
+
+
+async def _pieces(
+    conn: asyncpg.Connection, part: PartitionInfo, period: Period, taken: set[str], now_us: int
+) -> list[steps.Piece]:
+    """The partitions that will replace ``part``, named as ``ensure`` names them: one per
+    period. Of a range spanning several periods, only the periods holding rows, the current one
+    and the next (the writers' next rows) are kept: an adopted table's history can span years
+    with rows in a few days, and a partition per empty day would be thousands of tables."""
+    cuts = _periods(part, period)
+    if len(cuts) > 1:
+        held = await steps.periods_holding_rows(conn, part, [lo for lo, _ in cuts] + [cuts[-1][1]])
+        live = sorted(lo for lo, hi in cuts if hi > now_us)[:2]  # the current period, the next
+        cuts = [(lo, hi) for lo, hi in cuts if lo in held or lo in live]
+    pieces: list[steps.Piece] = []
+    names = set(taken) - {part.name}
+    for lo, hi in cuts:
         name = parts.partition_name(lo, hi, names)
         names.add(name)
         pieces.append(steps.Piece(lo, hi, name))
-        start = following
     return pieces
 
 
@@ -216,16 +264,16 @@ async def _run(
     chosen = parts.check_period(period) if period is not None else parts.infer_period(found)
     result = CompactResult(period=chosen)
     closed = _closed(found, now_us)
-    todo = [p for p in closed if p.compacted_at is None]
-    result.already_compacted = len(closed) - len(todo)
+    todo = _todo(found, chosen, now_us)
+    result.already_compacted = sum(p.compacted_at is not None for p in closed)
     state = await steps.leftovers(conn)
     await steps.clean_leftovers(conn, state, {p.name for p in todo}, lock_timeout_s, say)
     taken = {str(r[0]) for r in await conn.fetch(_RELATIONS_SQL)}
     todo.sort(key=lambda p: (p.name not in state["sources"], p.start_us or 0))
     for part in todo:
-        pieces = _pieces(part, chosen, taken)
-        taken.update(piece.name for piece in pieces)
-        done = await _compact_one(conn, part, pieces, state, lock_timeout_s, snapshot_wait_s, say)
+        done = await _compact_one(
+            conn, part, chosen, taken, state, now_us, lock_timeout_s, snapshot_wait_s, say
+        )
         if done is not None:
             result.compacted.append(done)
     await steps.drop_functions_if_unused(conn)
@@ -238,8 +286,10 @@ _RELATIONS_SQL = "SELECT relname FROM pg_class WHERE relnamespace = current_sche
 async def _compact_one(
     conn: asyncpg.Connection,
     part: PartitionInfo,
-    pieces: list[steps.Piece],
+    period: Period,
+    taken: set[str],
     state: dict[str, Any],
+    now_us: int,
     lock_timeout_s: float,
     snapshot_wait_s: float,
     say: ProgressFn,
@@ -249,14 +299,11 @@ async def _compact_one(
     started = time.perf_counter()
     late = state["sources"].get(part.name, f"{part.name}_late")
     built: dict[str, dict[str, Any]] = state["staging"].get(part.name, {})
-    for name in (late, *(p.staging + "_range" for p in pieces)):
-        if len(name.encode()) > 63:
-            raise PartitionError(f"partition name {part.name!r} is too long to compact")
-    if part.name in state["sources"]:
-        say(f"resuming {part.name} ({len(built)} of {len(pieces)} sorted copies built)")
-    else:
-        into = "in place" if len(pieces) == 1 else f"into {len(pieces)} partitions"
-        say(f"compacting {part.name} ({_range_text(part)}) {into}")
+    if len(late.encode()) > 63:
+        raise PartitionError(f"partition name {part.name!r} is too long to compact")
+    resuming = part.name in state["sources"]
+    if not resuming:
+        say(f"compacting {part.name} ({_range_text(part)})")
         try:
             await steps.with_retries(
                 lambda: steps.start_capture(conn, part, late, lock_timeout_s), lock_timeout_s, say
@@ -264,12 +311,25 @@ async def _compact_one(
         except steps.Gone:
             say(f"skipped {part.name}: no longer attached")
             return None
+    pieces: list[steps.Piece] = []
     try:
+        # Chosen once rows are captured, so a row of a period found empty is not missed.
+        pieces = await _pieces(conn, part, period, taken, now_us)
+        taken.update(piece.name for piece in pieces)
+        for piece in pieces:
+            if len((piece.staging + "_range").encode()) > 63:
+                raise PartitionError(f"partition name {part.name!r} is too long to compact")
+        if resuming:
+            say(f"resuming {part.name} ({len(built)} of {len(pieces)} sorted copies built)")
+        else:
+            into = "in place" if len(pieces) == 1 else f"into {len(pieces)} partitions"
+            say(f"{part.name}: {into}")
         return await _build_and_swap(
-            conn, part, pieces, built, late, lock_timeout_s, snapshot_wait_s, say, started
+            conn, part, pieces, built, late, now_us, lock_timeout_s, snapshot_wait_s, say, started
         )
     except steps.Gone:
-        await steps.abandon(conn, part.name, [p.staging for p in pieces], late, lock_timeout_s)
+        stagings = sorted(set(built) | {p.staging for p in pieces})
+        await steps.abandon(conn, part.name, stagings, late, lock_timeout_s)
         say(f"skipped {part.name}: it was detached meanwhile; its sorted copies are dropped")
         return None
 
@@ -280,6 +340,7 @@ async def _build_and_swap(
     pieces: list[steps.Piece],
     built: dict[str, dict[str, Any]],
     late: str,
+    now_us: int,
     lock_timeout_s: float,
     snapshot_wait_s: float,
     say: ProgressFn,
@@ -311,7 +372,13 @@ async def _build_and_swap(
         try:
             take_late = just_arrived >= steps.LATE_RETRIES
             rows, lock_s, moved = await steps.swap(
-                conn, part, pieces, late, lock_timeout_s, take_late=take_late
+                conn,
+                part,
+                pieces,
+                late,
+                lock_timeout_s,
+                take_late=take_late,
+                closed_before_us=now_us,
             )
         except steps.JustArrived:
             just_arrived += 1

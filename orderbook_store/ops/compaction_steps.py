@@ -9,6 +9,7 @@ capture trigger on the partition being compacted.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import json
 import re
@@ -211,6 +212,40 @@ _SYMBOLS = """ARRAY(
     SELECT symbol FROM symbols WHERE symbol IS NOT NULL)"""
 
 
+#: The timestamps that start each symbol's run of rows in a period: per symbol, the first row at
+#: or after each boundary that follows the last one found (one index descent per period that
+#: holds the symbol, plus one). ``$1``: every period boundary of the source's range, its end too.
+_FIRST_OF_EACH_PERIOD = """
+WITH RECURSIVE walk(symbol, ts) AS (
+    SELECT s.symbol, (SELECT min(h."timestamp") FROM {source} h WHERE h.symbol = s.symbol)
+    FROM unnest({symbols}) AS s(symbol)
+    UNION ALL
+    SELECT w.symbol,
+           (SELECT min(h."timestamp") FROM {source} h
+            WHERE h.symbol = w.symbol
+              AND h."timestamp" >= (SELECT min(b) FROM unnest($1::bigint[]) b WHERE b > w.ts))
+    FROM walk w WHERE w.ts IS NOT NULL
+)
+SELECT DISTINCT ts FROM walk WHERE ts IS NOT NULL"""
+
+
+async def periods_holding_rows(
+    conn: asyncpg.Connection, part: PartitionInfo, boundaries: Sequence[int]
+) -> set[int]:
+    """The starts (of ``boundaries``) of the periods where ``part`` has rows, through its
+    (symbol, timestamp) index: a partition adopted from a plain table can span years with rows
+    in a few of its days, and only those become partitions. Run after the capture started, so
+    a row inserted later is captured (see ``swap`` for rows of a period found empty here)."""
+    source = _q(part.name)
+    sql = _FIRST_OF_EACH_PERIOD.format(source=source, symbols=_SYMBOLS.format(source=source))
+    try:
+        found = await conn.fetch(sql, list(boundaries))
+    except asyncpg.UndefinedTableError:  # dropped since (pruned)
+        raise Gone from None
+    starts = sorted(boundaries)
+    return {starts[bisect.bisect_right(starts, ts) - 1] for (ts,) in found}
+
+
 async def build(conn: asyncpg.Connection, part: PartitionInfo, piece: Piece, *, multi: bool) -> int:
     """Step 2 for one piece: the sorted copy with its indexes and range check, one transaction.
 
@@ -345,6 +380,7 @@ async def swap(
     lock_timeout_s: float,
     *,
     take_late: bool,
+    closed_before_us: int,
 ) -> tuple[int, float, int]:
     """Step 4: under the table's lock, ``part`` out and the sorted copies in; returns the rows
     they hold, how long the lock was held (from granted to the commit, whose deletion of the
@@ -352,7 +388,10 @@ async def swap(
 
     Rows captured since the catch-up are moved here only with ``take_late``: otherwise the
     swap is called off (``JustArrived``), since a snapshot taken just before this commit would
-    not see rows this transaction writes."""
+    not see rows this transaction writes. A captured row of a period no piece covers (one that
+    held no row when the pieces were chosen) goes, once ``part`` is out, to the partition
+    that takes its time, the default one. Pieces ending after ``now`` are not closed yet: they
+    become plain partitions, compacted once their period is over."""
     moved = 0
     now = dt.datetime.now(dt.timezone.utc)
     try:
@@ -367,6 +406,7 @@ async def swap(
             await conn.execute(f"LOCK TABLE {_q(part.name)} IN ACCESS EXCLUSIVE MODE")
             if take_late:
                 moved = await _move_late(conn, late, pieces)
+                moved += int(await conn.fetchval(f"SELECT count(*) FROM {_q(late)}"))
             elif await conn.fetchval(f"SELECT EXISTS (SELECT FROM {_q(late)})"):
                 raise JustArrived
             notes = await conn.fetch(
@@ -374,7 +414,8 @@ async def swap(
                 [_q(p.staging) for p in pieces],
             )
             rows = sum(int(json.loads(n[0])[STATE_KEY]["rows"]) for n in notes)
-            await conn.execute(await _swap_script(conn, part, pieces, late, now, notes))
+            script = await _swap_script(conn, part, pieces, late, now, notes, closed_before_us)
+            await conn.execute(script)
             # The commit follows: it releases the locks first, then deletes the old files.
             done = time.perf_counter()
     except asyncpg.LockNotAvailableError:
@@ -389,12 +430,12 @@ async def _swap_script(
     late: str,
     now: dt.datetime,
     notes: Sequence[asyncpg.Record],
+    closed_before_us: int,
 ) -> str:
     default = _q(DEFAULT_PARTITION)
     script = [
         f"ALTER TABLE {TABLE} DETACH PARTITION {_q(part.name)}",
         f"DROP TABLE {_q(part.name)}",
-        f"DROP TABLE {_q(late)}",
     ]
     # Each ATTACH proves from the default partition's rows that none is in its range: with
     # rows there, one validated CHECK spares each piece that scan.
@@ -415,10 +456,17 @@ async def _swap_script(
             f"ALTER TABLE {_q(piece.name)} RENAME CONSTRAINT {_q(piece.staging + '_pkey')} "
             f"TO {_q(piece.name + '_pkey')}",
             f"ALTER TABLE {_q(piece.name)} DROP CONSTRAINT {_q(piece.staging + '_range')}",
-            f"COMMENT ON TABLE {_q(piece.name)} IS {_literal(parts.compacted_note(now, rows))}",
         ]
+        closed = piece.end_us <= closed_before_us
+        note = _literal(parts.compacted_note(now, rows)) if closed else "NULL"
+        script.append(f"COMMENT ON TABLE {_q(piece.name)} IS {note}")
     if spare_scans:
         script.append(f"ALTER TABLE {default} DROP CONSTRAINT {DEFAULT_EXCLUSION}")
+    # Captured rows of periods no piece covers: where the table routes them now.
+    script += [
+        f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_COLUMNS} FROM {_q(late)}",
+        f"DROP TABLE {_q(late)}",
+    ]
     names = ", ".join(_literal(p.name) for p in pieces)
     script.append(_TIDY_INDEXES.replace("{names}", names))
     return ";\n".join(script) + ";"
@@ -530,7 +578,11 @@ async def _drop_triggers(conn: asyncpg.Connection, source: str) -> None:
         [CAPTURE, GUARD, GUARD_TRUNCATE],
     )
     for (trigger,) in found:
-        await conn.execute(f"DROP TRIGGER {_q(trigger)} ON {_q(source)}")
+        try:
+            async with conn.transaction():  # a savepoint when the caller's transaction is open
+                await conn.execute(f"DROP TRIGGER {_q(trigger)} ON {_q(source)}")
+        except asyncpg.UndefinedTableError:  # dropped meanwhile (by prune), triggers with it
+            return
 
 
 async def drop_functions_if_unused(conn: asyncpg.Connection) -> None:

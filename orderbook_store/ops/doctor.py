@@ -28,9 +28,9 @@ from orderbook_store.engine import connector
 from orderbook_store.errors import OrderbookStoreError
 from orderbook_store.models import OrderbookData
 from orderbook_store.ops import migrations
-from orderbook_store.ops.compaction import SESSION_LOCK_KEY
+from orderbook_store.ops.compaction import SESSION_LOCK_KEY, reaching_now
 from orderbook_store.ops.compaction_steps import CAPTURE
-from orderbook_store.ops.partitions import COMPACTED_NOTE
+from orderbook_store.ops.partitions import COMPACTED_NOTE, infer_period, partition_of
 from orderbook_store.settings import Settings
 from orderbook_store.write import dead_letters
 from orderbook_store.write.spool_dirs import survey, target_directory
@@ -381,9 +381,13 @@ async def _partition_check(report: Report, conn: asyncpg.Connection, kind: str) 
 async def _compaction_check(
     report: Report, conn: asyncpg.Connection, rows: list[asyncpg.Record]
 ) -> None:
-    """Closed partitions (their range wholly past) should be compacted by the daily job; an
-    interrupted compaction keeps its partition's late rows aside until a run finishes it."""
+    """Closed partitions (their range wholly past) should be compacted by the daily job, and a
+    history adopted by revision 0004 whose range reaches today split into periods (until then
+    ``prune`` cannot retire any of its days); an interrupted compaction keeps its partition's
+    late rows aside until a run finishes it."""
     now = time.time()
+    found = [partition_of(row["relname"], row["bound"], 0, 0, row["note"]) for row in rows]
+    unsplit = reaching_now(found, infer_period(found), int(now * 1_000_000))
     closed = [
         (row["relname"], upper, bool(COMPACTED_NOTE.match(row["note"] or "")))
         for row in rows
@@ -418,6 +422,13 @@ async def _compaction_check(
             value + "; one was interrupted",
             f"{names}: rows written to it meanwhile are held aside and its rows cannot be "
             f"changed until it finishes: {run_it} to finish it",
+        )
+    elif unsplit:
+        report.add(
+            "compaction",
+            "warn",
+            f"{value}; {unsplit[0].name} spans past days and today",
+            f"prune cannot retire its old days until it is split into periods: {run_it}",
         )
     elif overdue:
         ended = dt.datetime.fromtimestamp(min(overdue)[0], dt.timezone.utc)
