@@ -233,8 +233,9 @@ async def test_a_live_writer_keeps_writing_into_the_history_while_it_is_split(
         await repo.flush()
     assert result.compacted[0].source == "orderbook_data_history"
     stored = await fetch(
-        url, "SELECT count(*), count(DISTINCT id), count(DISTINCT (symbol, timestamp)) "
-        "FROM orderbook_data"
+        url,
+        "SELECT count(*), count(DISTINCT id), count(DISTINCT (symbol, timestamp)) "
+        "FROM orderbook_data",
     )
     total = before[0] + added
     assert tuple(stored[0]) == (total, total, total)
