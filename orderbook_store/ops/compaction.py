@@ -145,7 +145,8 @@ def reaching_now(
 async def compactable(
     engine: AsyncEngine, *, now: dt.datetime | None = None
 ) -> list[PartitionInfo]:
-    """Closed partitions not compacted yet (what ``compact`` would rewrite), oldest first."""
+    """What ``compact`` would rewrite: closed partitions not compacted yet, oldest first, then
+    any partition spanning past periods and the current one (see ``reaching_now``)."""
     now_us = _now_us() if now is None else _us(now)
     found = await parts.list_partitions(engine)
     return _todo(found, parts.infer_period(found), now_us)
