@@ -712,6 +712,49 @@ async def test_upgrade_of_millions_of_rows_never_stalls_a_writer_half_a_second(
     assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
 
 
+@pytest.mark.parametrize("start", ["0003", "0004"])
+async def test_a_long_reader_during_an_upgrade_never_stalls_a_writer(
+    make_database: MakeDb, start: str
+) -> None:
+    """A notebook's read holds the table for seconds just as the upgrade needs it to itself:
+    the upgrade asks for the lock in short attempts, so inserts never queue behind its request
+    for long, and it finishes once the reader is done."""
+    url = await at_head(make_database, start)
+    await fill(url, 50_000)
+    reader = await asyncpg.connect(url)
+    probe = await asyncpg.connect(url)
+    waits: list[float] = []
+    try:
+        await reader.execute("BEGIN; SELECT count(*) FROM orderbook_data")
+        upgrading = asyncio.create_task(
+            asyncio.to_thread(migrations.upgrade, Settings(database_url=url), "head")
+        )
+        held_until = time.monotonic() + 3
+        while not upgrading.done():
+            if reader is not None and time.monotonic() > held_until:
+                await reader.execute("COMMIT")
+                await reader.close()
+                reader = None
+            started = time.perf_counter()
+            await probe.execute(
+                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+                "VALUES ('PROBEUSDT', $1, $1)",
+                JAN_1_2024 + 5 * DAY_US + len(waits),
+            )
+            waits.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+        await upgrading
+    finally:
+        await probe.close()
+        if reader is not None:
+            await reader.close()
+    assert reader is None, "the upgrade finished while the reader still held the table"
+    assert max(waits) < 0.5, f"a writer waited {max(waits):.2f} s"
+    probes = await fetch(url, "SELECT count(*) FROM orderbook_data WHERE symbol = 'PROBEUSDT'")
+    assert probes[0][0] == len(waits)
+    assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
+
+
 async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: MakeDb) -> None:
     url = await at_head(make_database)
     async with engine_on(url) as engine:

@@ -11,7 +11,8 @@ rewriting a row:
    it) is added ``NOT VALID`` (a brief lock, taken with a short ``lock_timeout`` and retried)
    and validated, which takes only SHARE UPDATE EXCLUSIVE: inserts go on during the scan,
    and the CHECK holds every row from then on. Then, in one short transaction holding the
-   table's lock:
+   table's lock (asked for in attempts of 100 ms, so writers never queue long behind a
+   reader that holds the table):
 1. the old table is renamed ``orderbook_data_history``; its indexes are renamed
    (``idx_orderbook_symbol_history``, ...) so the parent can take their names; its primary key
    ``(id)`` is replaced by ``(id, timestamp)`` using the index from step 0;
@@ -50,6 +51,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
+from orderbook_store.migrations.table_lock import lock_table_patiently
 from orderbook_store.write.failures import sqlstate_of
 
 revision: str = "0004"
@@ -168,7 +170,9 @@ WHERE s.symbol IS NOT NULL
 #: hour to come, whichever is later, so the live collector's rows meet it while it is checked.
 RANGE_CHECK = "orderbook_data_history_range"
 #: Waits for the brief lock that adds the CHECK (a writer queues behind a waiting request).
-ADD_CHECK_LOCK_TIMEOUT = "300ms"
+ADD_CHECK_LOCK_TIMEOUT = "100ms"
+#: How long it keeps asking (a reader may hold the table for minutes) before it fails.
+ADD_CHECK_GIVE_UP_S = 600
 
 
 def _prove_range_online(unit: str, step: str) -> tuple[int, int] | None:
@@ -186,20 +190,22 @@ def _prove_range_online(unit: str, step: str) -> tuple[int, int] | None:
         sa.text(f"SELECT {US.format(trunc_lo)}, {US.format(trunc_hi)}"),
         {"lo": found[0], "hi": found[1]},
     ).one()
-    bind.execute(sa.text(f"ALTER TABLE orderbook_data DROP CONSTRAINT IF EXISTS {RANGE_CHECK}"))
     bind.execute(sa.text(f"SET lock_timeout = '{ADD_CHECK_LOCK_TIMEOUT}'"))
     try:
-        for attempt in range(100):
+        deadline = time.monotonic() + ADD_CHECK_GIVE_UP_S
+        while True:
             try:
                 bind.execute(
                     sa.text(
-                        f"ALTER TABLE orderbook_data ADD CONSTRAINT {RANGE_CHECK} "
+                        # (one of an interrupted attempt is replaced in the same statement)
+                        f"ALTER TABLE orderbook_data DROP CONSTRAINT IF EXISTS {RANGE_CHECK}, "
+                        f"ADD CONSTRAINT {RANGE_CHECK} "
                         f'CHECK ("timestamp" >= {int(lo)} AND "timestamp" < {int(hi)}) NOT VALID'
                     )
                 )
                 break
             except sa.exc.DBAPIError as exc:
-                if sqlstate_of(exc) != "55P03" or attempt == 99:
+                if sqlstate_of(exc) != "55P03" or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)  # lock_timeout: let the writers queued behind it go first
     finally:
@@ -224,7 +230,8 @@ def upgrade() -> None:
             proven = _prove_range_online(unit, step)
         key_index_built = True
 
-    op.execute("LOCK TABLE orderbook_data IN ACCESS EXCLUSIVE MODE")
+    # Asked in short attempts: writers never queue for long behind a reader holding the table.
+    op.execute(lock_table_patiently())
     op.execute("ALTER TABLE orderbook_data RENAME TO orderbook_data_history")
     for name in INDEXES:
         op.execute(f"ALTER INDEX {name} RENAME TO {name}_history")

@@ -8,7 +8,8 @@ range on it as well as the btree did (6.4 bytes a row), and it is what the index
 
 The BRIN is built partition by partition ``CONCURRENTLY`` while writers carry on, then
 attached to an index made ``ON ONLY`` the parent (PostgreSQL cannot build an index on a
-partitioned table concurrently); only the drops and the renames take the table's lock, briefly.
+partitioned table concurrently); only the drops and the renames take the table's lock, briefly
+(asked for in attempts of 100 ms, so writers never queue long behind a reader of the table).
 Offline (``--sql``) the index is built on the parent in one statement instead.
 
 The downgrade restores 0004's two btrees, built on the parent (writers wait for the build).
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import context, op
+
+from orderbook_store.migrations.table_lock import lock_table_patiently
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -87,6 +90,8 @@ def upgrade() -> None:
     else:
         with op.get_context().autocommit_block():
             _build_brin_concurrently()
+        # Asked in short attempts: writers never queue for long behind a reader of the table.
+        op.execute(lock_table_patiently())
     op.execute("DROP INDEX idx_orderbook_symbol")
     op.execute(f"DROP INDEX {BRIN}")
     op.execute(f"ALTER INDEX {BUILDING} RENAME TO {BRIN}")
