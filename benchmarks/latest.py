@@ -1,0 +1,151 @@
+"""latest() benchmark: every symbol's last quote, plain table vs daily partitions.
+
+The same quotes (``--per-day`` per symbol per day, 20 symbols, from 2024-01-01) are loaded into
+a database at revision 0003 (the plain table) and one at head with a partition per day
+(``partitions.ensure``), for 30 and for 365 days. In each, ``repo.latest()`` of every symbol,
+best of ``--repeat``; on the partitioned table also the same answer found the way a database
+from before revision 0006 finds its symbols (a skip scan of every partition), and the answer
+once two more symbols are listed whose only partition was pruned (they yield nothing and walk
+every partition). Ratios are partitioned time / plain time (1.00x: as fast as the plain table).
+
+    python -m benchmarks.latest [--per-day 100] [--repeat 7] [--days 30 365]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+
+from benchmarks._common import bench_database, find_server
+from orderbook_store.engine import create_engine
+from orderbook_store.ops import partitions
+from orderbook_store.repository import OrderbookRepository
+from orderbook_store.settings import Settings
+
+DAY_US = 86_400_000_000
+START = dt.date(2024, 1, 1)
+T0 = partitions.to_us(START)
+SYMBOLS = 20
+
+FILL_SQL = """
+INSERT INTO orderbook_data
+    (symbol, timestamp, local_timestamp, ask_amount, ask_price, bid_price, bid_amount)
+SELECT 'SYM' || lpad(s::text, 2, '0') || 'USDT',
+       {t0} + d::bigint * {day} + g::bigint * ({day} / {per_day}) + s,
+       {t0} + d::bigint * {day} + g::bigint * ({day} / {per_day}) + s + 2500,
+       1.5, 43000.1, 43000.0, 2.25
+FROM generate_series(0, {days} - 1) AS d, generate_series(0, {per_day} - 1) AS g,
+     generate_series(1, {symbols}) AS s
+ORDER BY d, g, s
+"""
+
+#: Two symbols stored only on the first day, whose partition is then dropped (pruned).
+GONE_SQL = """
+INSERT INTO orderbook_data (symbol, timestamp, local_timestamp)
+VALUES ('GONE1USDT', {t0} + 1, {t0} + 2), ('GONE2USDT', {t0} + 3, {t0} + 4);
+ALTER TABLE orderbook_data DETACH PARTITION orderbook_data_p{first:%Y%m%d};
+DROP TABLE orderbook_data_p{first:%Y%m%d};
+"""
+
+
+async def execute(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def fill(url: str, days: int, per_day: int, *, partitioned: bool) -> None:
+    if partitioned:
+        engine = create_engine(Settings(database_url=url, pool_size=2))
+        try:
+            await partitions.ensure(engine, ahead=days - 1, today=START)
+        finally:
+            await engine.dispose()
+    await execute(
+        url,
+        FILL_SQL.format(t0=T0, day=DAY_US, days=days, per_day=per_day, symbols=SYMBOLS),
+    )
+    await execute(url, "VACUUM ANALYZE orderbook_data")
+
+
+async def best_of(repeat: int, work: Callable[[], Awaitable[int]]) -> tuple[float, int]:
+    best, rows = float("inf"), 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        rows = await work()
+        best = min(best, time.perf_counter() - started)
+    return best, rows
+
+
+async def time_latest(url: str, repeat: int) -> tuple[float, int]:
+    """Best time of ``repo.latest()``, and how many symbols it returned."""
+    engine = create_engine(Settings(database_url=url, pool_size=2))
+    try:
+        async with OrderbookRepository(engine) as repo:
+
+            async def once() -> int:
+                return len(await repo.latest())
+
+            return await best_of(repeat, once)
+    finally:
+        await engine.dispose()
+
+
+async def time_unlisted(url: str, repeat: int) -> tuple[float, int]:
+    """``time_latest`` with the list of symbols out of sight, as before revision 0006."""
+    await execute(url, "ALTER TABLE orderbook_symbols RENAME TO orderbook_symbols_aside")
+    try:
+        return await time_latest(url, repeat)
+    finally:
+        await execute(url, "ALTER TABLE orderbook_symbols_aside RENAME TO orderbook_symbols")
+
+
+async def run(server: str, days_list: Sequence[int], per_day: int, repeat: int) -> None:
+    print(
+        f"latest(): {SYMBOLS} symbols x {per_day} quotes a day, best of {repeat}; "
+        "ratio = partitioned / plain"
+    )
+    for days in days_list:
+        with bench_database(server, "0003") as plain, bench_database(server) as parted:
+            await fill(plain, days, per_day, partitioned=False)
+            await fill(parted, days, per_day, partitioned=True)
+            plain_s, plain_n = await time_latest(plain, repeat)
+            listed_s, listed_n = await time_latest(parted, repeat)
+            skip_s, skip_n = await time_unlisted(parted, repeat)
+            assert plain_n == listed_n == skip_n == SYMBOLS, (plain_n, listed_n, skip_n)
+            await execute(parted, GONE_SQL.format(t0=T0, first=START))
+            gone_s, gone_n = await time_latest(parted, repeat)
+            assert gone_n == SYMBOLS, gone_n
+            print(f"  {days} days: plain table                          {plain_s * 1e3:7.2f} ms")
+            print(
+                f"  {days} days: partitioned, listed symbols           {listed_s * 1e3:7.2f} ms"
+                f"  {listed_s / plain_s:5.2f}x"
+            )
+            print(
+                f"  {days} days: partitioned, + 2 pruned symbols       {gone_s * 1e3:7.2f} ms"
+                f"  {gone_s / plain_s:5.2f}x"
+            )
+            print(
+                f"  {days} days: partitioned, skip scan (before 0006)  {skip_s * 1e3:7.2f} ms"
+                f"  {skip_s / plain_s:5.2f}x"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-day", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--days", type=int, nargs="+", default=[30, 365])
+    args = parser.parse_args(argv)
+    asyncio.run(run(find_server(), args.days, args.per_day, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
