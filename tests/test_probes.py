@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_engine
 from orderbook_store.files.importers.pipeline import import_paths
-from orderbook_store.ops import migrations, partitions
+from orderbook_store.ops import compaction, migrations, partitions
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
@@ -408,3 +408,30 @@ async def test_two_writers_of_a_new_symbol_at_once_list_it_once(make_database: M
     finally:
         await conn.close()
     assert stored == 2
+
+
+async def test_compacted_days_keep_latest_and_still_list_a_new_symbol(
+    make_database: MakeDb,
+) -> None:
+    """Compaction moves rows into new partitions without the parent's trigger: their symbols
+    are listed already, and a later insert into a compacted day lists a new one."""
+    url = await _database(make_database, 30)
+    before = await _latest(url)
+    engine = create_engine(Settings(database_url=url, pool_size=2))
+    try:
+        result = await compaction.compact(
+            engine, now=dt.datetime(2024, 1, 5, tzinfo=dt.timezone.utc)
+        )
+    finally:
+        await engine.dispose()
+    assert [c.source for c in result.compacted] == [
+        f"orderbook_data_p{START + dt.timedelta(days=d):%Y%m%d}" for d in range(4)
+    ]
+    pd.testing.assert_frame_equal(await _latest(url), before)
+    await _execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp)"
+        f" VALUES ('LATEUSDT', {T0 + DAY_US + 1}, 0)",
+    )
+    assert "LATEUSDT" in await _listed(url)
+    assert "LATEUSDT" in (await _latest(url))["symbol"].tolist()
