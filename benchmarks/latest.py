@@ -107,44 +107,45 @@ async def time_unlisted(url: str, repeat: int) -> tuple[float, int]:
         await execute(url, "ALTER TABLE orderbook_symbols_aside RENAME TO orderbook_symbols")
 
 
-async def run(server: str, days_list: Sequence[int], per_day: int, repeat: int) -> None:
-    print(
-        f"latest(): {SYMBOLS} symbols x {per_day} quotes a day, best of {repeat}; "
-        "ratio = partitioned / plain"
-    )
-    for days in days_list:
-        with bench_database(server, "0003") as plain, bench_database(server) as parted:
-            await fill(plain, days, per_day, partitioned=False)
-            await fill(parted, days, per_day, partitioned=True)
-            plain_s, plain_n = await time_latest(plain, repeat)
-            listed_s, listed_n = await time_latest(parted, repeat)
-            skip_s, skip_n = await time_unlisted(parted, repeat)
-            assert plain_n == listed_n == skip_n == SYMBOLS, (plain_n, listed_n, skip_n)
-            await execute(parted, GONE_SQL.format(t0=T0, first=START))
-            gone_s, gone_n = await time_latest(parted, repeat)
-            assert gone_n == SYMBOLS, gone_n
-            print(f"  {days} days: plain table                          {plain_s * 1e3:7.2f} ms")
-            print(
-                f"  {days} days: partitioned, listed symbols           {listed_s * 1e3:7.2f} ms"
-                f"  {listed_s / plain_s:5.2f}x"
-            )
-            print(
-                f"  {days} days: partitioned, + 2 pruned symbols       {gone_s * 1e3:7.2f} ms"
-                f"  {gone_s / plain_s:5.2f}x"
-            )
-            print(
-                f"  {days} days: partitioned, skip scan (before 0006)  {skip_s * 1e3:7.2f} ms"
-                f"  {skip_s / plain_s:5.2f}x"
-            )
+async def measure(plain: str, parted: str, days: int, per_day: int, repeat: int) -> None:
+    """Fill both databases, time latest() in each, print the lines of ``days``."""
+    await fill(plain, days, per_day, partitioned=False)
+    await fill(parted, days, per_day, partitioned=True)
+    plain_s, plain_n = await time_latest(plain, repeat)
+    listed_s, listed_n = await time_latest(parted, repeat)
+    skip_s, skip_n = await time_unlisted(parted, repeat)
+    assert plain_n == listed_n == skip_n == SYMBOLS, (plain_n, listed_n, skip_n)
+    await execute(parted, GONE_SQL.format(t0=T0, first=START))
+    gone_s, gone_n = await time_latest(parted, repeat)
+    assert gone_n == SYMBOLS, gone_n
+    lines = [
+        ("plain table", plain_s),
+        ("partitioned, listed symbols", listed_s),
+        ("partitioned, + 2 pruned symbols", gone_s),
+        ("partitioned, skip scan (before 0006)", skip_s),
+    ]
+    for label, seconds in lines:
+        print(f"  {days:>3} days: {label:<38} {seconds * 1e3:8.2f} ms  {seconds / plain_s:6.2f}x")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the benchmark and print times and ratios."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--per-day", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--days", type=int, nargs="+", default=[30, 365])
     args = parser.parse_args(argv)
-    asyncio.run(run(find_server(), args.days, args.per_day, args.repeat))
+    with find_server() as (server_url, where):
+        print(
+            f"latest(): {SYMBOLS} symbols x {args.per_day} quotes a day ({where}), "
+            f"best of {args.repeat}; ratio = time / plain table's time"
+        )
+        for days in args.days:
+            with (
+                bench_database(server_url, "0003") as plain,
+                bench_database(server_url) as parted,
+            ):
+                asyncio.run(measure(plain, parted, days, args.per_day, args.repeat))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.engine import create_engine
 from orderbook_store.files.importers.pipeline import import_paths
-from orderbook_store.ops import compaction, migrations, partitions
+from orderbook_store.ops import compaction, migrations, partitions, symbols
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
@@ -304,11 +304,40 @@ async def test_latest_of_every_symbol_is_the_plain_tables_answer(
     await _execute(
         plain, f"DELETE FROM orderbook_data WHERE timestamp >= {T0} AND timestamp < {T0 + DAY_US}"
     )
-    assert "GONEUSDT" in await _listed(parted)  # still listed, no longer stored
+    assert pruned.forgotten == ["GONEUSDT", "OLDUSDT"]
+    assert await _listed(parted) == [s for s in SYMBOLS if s != "OLDUSDT"]
     expected = await _latest(plain)
     assert "GONEUSDT" not in expected["symbol"].tolist()
     assert "OLDUSDT" not in expected["symbol"].tolist()
     pd.testing.assert_frame_equal(await _latest(parted), expected)
+    # A symbol listed but not stored (its partitions dropped by hand) yields nothing.
+    await _execute(parted, "INSERT INTO orderbook_symbols VALUES ('GHOSTUSDT')")
+    pd.testing.assert_frame_equal(await _latest(parted), expected)
+
+
+async def test_forgetting_unstored_symbols_waits_for_a_writer_storing_one_again(
+    make_database: MakeDb,
+) -> None:
+    url = await _database(make_database, 30)
+    await _execute(url, "INSERT INTO orderbook_symbols VALUES ('GHOSTUSDT'), ('GONEUSDT')")
+    writer = await asyncpg.connect(url)
+    engine = create_engine(Settings(database_url=url, pool_size=2))
+    try:
+        storing = writer.transaction()
+        await storing.start()
+        await writer.execute(
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp)"
+            f" VALUES ('GHOSTUSDT', {T0 + 5 * DAY_US}, 0)"
+        )  # the trigger found GHOSTUSDT listed: nothing to add
+        forgetting = asyncio.create_task(symbols.forget_unstored_symbols(engine))
+        await asyncio.sleep(0.3)
+        assert not forgetting.done()  # waits for the writer's transaction
+        await storing.commit()
+        assert await asyncio.wait_for(forgetting, 10) == ["GONEUSDT"]
+    finally:
+        await writer.close()
+        await engine.dispose()
+    assert await _listed(url) == sorted([*SYMBOLS, "GHOSTUSDT"])
 
 
 @pytest.mark.slow
