@@ -4,9 +4,11 @@ The same quotes (``--per-day`` per symbol per day, 20 symbols, from 2024-01-01) 
 a database at revision 0003 (the plain table) and one at head with a partition per day
 (``partitions.ensure``), for 30 and for 365 days. In each, ``repo.latest()`` of every symbol,
 best of ``--repeat``; on the partitioned table also the same answer found the way a database
-from before revision 0006 finds its symbols (a skip scan of every partition), and the answer
-once two more symbols are listed whose only partition was pruned (they yield nothing and walk
-every partition). Ratios are partitioned time / plain time (1.00x: as fast as the plain table).
+from before revision 0006 finds its symbols (a skip scan of every partition), the answer while
+two more symbols are listed whose only partition was dropped (they yield nothing and walk every
+partition), how long ``prune``'s forgetting of them takes (a check, then the same check of the
+symbols found under the lock writers wait for), and the answer after. Ratios are time / the
+plain table's time (1.00x: as fast as the plain table).
 
     python -m benchmarks.latest [--per-day 100] [--repeat 7] [--days 30 365]
 """
@@ -24,6 +26,7 @@ import asyncpg
 from benchmarks._common import bench_database, find_server
 from orderbook_store.engine import create_engine
 from orderbook_store.ops import partitions
+from orderbook_store.ops.symbols import forget_unstored_symbols
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
@@ -44,7 +47,8 @@ FROM generate_series(0, {days} - 1) AS d, generate_series(0, {per_day} - 1) AS g
 ORDER BY d, g, s
 """
 
-#: Two symbols stored only on the first day, whose partition is then dropped (pruned).
+#: Two symbols stored only on the first day, whose partition is then dropped by hand (so they
+#: stay listed until ``prune`` forgets them).
 GONE_SQL = """
 INSERT INTO orderbook_data (symbol, timestamp, local_timestamp)
 VALUES ('GONE1USDT', {t0} + 1, {t0} + 2), ('GONE2USDT', {t0} + 3, {t0} + 4);
@@ -118,11 +122,23 @@ async def measure(plain: str, parted: str, days: int, per_day: int, repeat: int)
     await execute(parted, GONE_SQL.format(t0=T0, first=START))
     gone_s, gone_n = await time_latest(parted, repeat)
     assert gone_n == SYMBOLS, gone_n
+    engine = create_engine(Settings(database_url=parted, pool_size=2))
+    try:
+        started = time.perf_counter()
+        forgotten = await forget_unstored_symbols(engine)
+        forget_s = time.perf_counter() - started
+    finally:
+        await engine.dispose()
+    assert forgotten == ["GONE1USDT", "GONE2USDT"], forgotten
+    after_s, after_n = await time_latest(parted, repeat)
+    assert after_n == SYMBOLS, after_n
     lines = [
         ("plain table", plain_s),
         ("partitioned, listed symbols", listed_s),
-        ("partitioned, + 2 pruned symbols", gone_s),
         ("partitioned, skip scan (before 0006)", skip_s),
+        ("+ 2 listed symbols no longer stored", gone_s),
+        ("prune forgetting them (2 checks)", forget_s),
+        ("partitioned, after that", after_s),
     ]
     for label, seconds in lines:
         print(f"  {days:>3} days: {label:<38} {seconds * 1e3:8.2f} ms  {seconds / plain_s:6.2f}x")

@@ -3,16 +3,18 @@
 These answer ``latest``, ``asof`` (few times) and the quote in force at a time. On a plain
 table each probe is one backward descent of ``idx_orderbook_symbol_timestamp``. On a
 partitioned table the probes walk the partitions newest first (see ``read.layout``): a probe
-asks the partition that can hold its time, then windows of older partitions, doubling in size,
-until a partition has a row for it; the default partition is asked once, and its candidate
-wins when it is later. Each round is one statement naming only the partitions it asks, so the
-server plans a handful of small tables instead of every partition, and a probe usually costs
-one descent, as on a plain table.
+asks the partition that can hold its time (for the last quote of all: the current partition and
+those made ahead of time, then the newest one before them alone), then windows of older
+partitions, doubling in size, until a partition has a row for it; the default partition is
+asked once, and its candidate wins when it is later. Each round is one statement naming only
+the partitions it asks, so the server plans a handful of small tables instead of every
+partition, and a probe usually costs one descent, as on a plain table.
 
 ``latest()`` of every stored symbol first needs the symbols. A partitioned table keeps their
 list (``orderbook_symbols``, revision 0006), so each listed symbol is probed as above, newest
 partitions first: one statement for the list, then a round or two of probes (a symbol listed
-but no longer stored, its partitions pruned, walks every partition and yields nothing). A
+but no longer stored walks every partition and yields nothing; ``prune`` takes such symbols
+off the list, see ``ops.symbols``). A
 plain table, or a partitioned one from before 0006, finds them with a skip scan of each part
 (one descent per distinct symbol, plus one), all in one statement, which also says which
 partition is the newest to hold each symbol; then one probe each, into that partition. That
@@ -107,7 +109,9 @@ async def last_quotes(
             if walk.done:
                 continue
             walk.cursor += walk.window
-            walk.window *= 2
+            # After the current and the ahead partitions (usually empty), the newest closed one
+            # alone: a symbol still trading is there, so every symbol costs one descent.
+            walk.window = 1 if first_round and walk.upper_us == _NO_UPPER else walk.window * 2
             walk.done = walk.found is not None or walk.cursor >= len(layout.ranged)
         first_round = False
     answers = dict(zip(unique, (_later(w.found, w.default) for w in walks), strict=True))
