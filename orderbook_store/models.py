@@ -86,7 +86,7 @@ class OrderbookSymbol(Base):
     symbol probes, instead of finding the symbols in each partition's index.
 
     A statement-level trigger on ``orderbook_data`` adds the symbols of each insert or COPY in
-    the same transaction (see the revision); a symbol whose rows were all pruned stays listed.
+    the same transaction (see the revision); ``prune`` takes off a symbol no row holds any more.
     """
 
     __tablename__ = "orderbook_symbols"

@@ -17,8 +17,9 @@ A refused row fails its statement before the trigger runs; the trigger cannot re
 the table took (the column is the table's ``VARCHAR(20)``).
 
 Symbols only, not ``(exchange, symbol)``: no index leads with ``exchange``, so listing the pairs
-of a stored table would read every row, and ``latest()`` answers per symbol. A symbol whose
-rows were all pruned stays listed; ``latest()`` finds no quote for it and leaves it out.
+of a stored table would read every row, and ``latest()`` answers per symbol. ``prune`` takes
+off a symbol whose rows were all pruned (``ops.symbols``); until then ``latest()`` finds no
+quote for it and leaves it out.
 
 The table is made and the trigger created in one short transaction (it waits for writers in
 flight, then writers carry on), then filled from the rows already stored, in a transaction of
