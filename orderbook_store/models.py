@@ -81,6 +81,19 @@ class OrderbookData(Base):
     )
 
 
+class OrderbookSymbol(Base):
+    """Every symbol ``orderbook_data`` has held (revision 0006): what ``latest()`` of every
+    symbol probes, instead of finding the symbols in each partition's index.
+
+    A statement-level trigger on ``orderbook_data`` adds the symbols of each insert or COPY in
+    the same transaction (see the revision); ``prune`` takes off a symbol no row holds any more.
+    """
+
+    __tablename__ = "orderbook_symbols"
+
+    symbol: Mapped[str] = mapped_column(String(20), primary_key=True)
+
+
 _QUOTES = OrderbookData.__table__.columns
 
 #: Every column of the table, in table order (what an archive of a partition holds).

@@ -242,6 +242,86 @@ async def test_revision_0005_makes_the_indexes_leaner_and_its_downgrade_restores
     assert await checksum(url) == before
 
 
+#: What a revision makes besides columns and indexes: tables, functions and triggers.
+SCHEMA_OBJECTS_SQL = """
+SELECT 'table', c.relname::text, c.relkind::text FROM pg_class c
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+UNION ALL
+SELECT 'function', p.proname::text, pg_get_function_identity_arguments(p.oid) FROM pg_proc p
+WHERE p.pronamespace = current_schema()::regnamespace
+UNION ALL
+SELECT 'trigger', t.tgname::text, t.tgrelid::regclass::text FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::regnamespace
+ORDER BY 1, 2, 3
+"""
+
+
+def _revision_module(name: str) -> object:
+    import importlib.util
+
+    path = PROJECT / "orderbook_store" / "migrations" / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_revision_0006_lists_the_stored_symbols_and_its_downgrade_removes_the_list(
+    make_database: MakeDb,
+) -> None:
+    url = await at_head(make_database, "0003")
+    settings = Settings(database_url=url)
+    await fill(url, 200_000)  # the history partition: four symbols
+    migrations.upgrade(settings, "0005")
+    await execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) VALUES "
+        "('DAYUSDT', (extract(epoch FROM now() + interval '2 days') * 1000000)::bigint, 1),"
+        "('OLDUSDT', 1262304000000000, 1262304000000000),"  # the default partition
+        "('BTCUSDT', 1262304000000001, 1262304000000001)",
+    )
+    assert set(await where_rows_are(url)) == {
+        "orderbook_data_history",
+        f"orderbook_data_p{dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2):%Y%m%d}",
+        "orderbook_data_default",
+    }
+    at_0005 = [tuple(r) for r in await fetch(url, SCHEMA_OBJECTS_SQL)]
+    shapes_0005 = [tuple(r) for r in await fetch(url, INDEX_SHAPES_SQL)]
+    before = await checksum(url)
+    assert "orderbook_symbols" not in {r[1] for r in at_0005}
+
+    migrations.upgrade(settings, "0006")
+    stored = [r[0] for r in await fetch(url, "SELECT DISTINCT symbol FROM orderbook_data")]
+    listed = [r[0] for r in await fetch(url, "SELECT symbol FROM orderbook_symbols")]
+    assert sorted(listed) == sorted(stored) == sorted([*SYMBOLS, "DAYUSDT", "OLDUSDT"])
+    assert await checksum(url) == before
+    # The fill is a skip scan of the partitions' indexes, never a scan of the rows.
+    fill_sql = _revision_module("0006_known_symbols").FILL  # type: ignore[attr-defined]
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + fill_sql))
+    finally:
+        await conn.close()
+    assert "Seq Scan on orderbook_data" not in plan and "idx_orderbook_symbol_timestamp" in plan
+
+    migrations.downgrade(settings, "0005")
+    assert [tuple(r) for r in await fetch(url, SCHEMA_OBJECTS_SQL)] == at_0005
+    assert [tuple(r) for r in await fetch(url, INDEX_SHAPES_SQL)] == shapes_0005
+    assert await checksum(url) == before
+    await execute(  # inserts work without the trigger
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+        "VALUES ('NEWUSDT', 1704067200000001, 1)",
+    )
+    migrations.upgrade(settings, "head")
+    listed = [r[0] for r in await fetch(url, "SELECT symbol FROM orderbook_symbols")]
+    assert sorted(listed) == sorted([*SYMBOLS, "DAYUSDT", "NEWUSDT", "OLDUSDT"])
+
+
 async def test_downgrade_to_the_plain_table_then_upgrade_again_loses_nothing(
     make_database: MakeDb,
 ) -> None:

@@ -220,6 +220,17 @@ async def test_a_closed_partition_dumped_alone_restores_its_rows(
         f"ALTER TABLE orderbook_data ATTACH PARTITION {partition} {bounds[partition]}",
         dbname="archive_check",
     )
+    server.psql(
+        f"INSERT INTO orderbook_symbols SELECT DISTINCT symbol FROM {partition} "
+        "ON CONFLICT DO NOTHING",
+        dbname="archive_check",
+    )
+    listed = await _fetch(
+        server.url("archive_check"),
+        "SELECT (SELECT array_agg(symbol ORDER BY symbol) FROM orderbook_symbols) AS listed, "
+        "(SELECT array_agg(DISTINCT symbol ORDER BY symbol) FROM orderbook_data) AS stored",
+    )
+    assert listed["listed"] == listed["stored"] and listed["listed"]
     restored = await _fetch(
         server.url("archive_check"),
         "SELECT count(*) AS rows, md5(string_agg(t::text, E'\\n' ORDER BY id)) AS digest "

@@ -182,6 +182,14 @@ async def test_writer_writes_through_the_package(role_db: RoleDatabase, tmp_path
             await conn.fetchval("SELECT count(*) FROM orderbook_data WHERE symbol = 'ETHUSDT'")
             == 300
         )
+        # A new symbol, listed by the trigger although the writer has no grant on the list.
+        assert (
+            await conn.fetchval("SELECT count(*) FROM orderbook_symbols WHERE symbol = 'ETHUSDT'")
+            == 1
+        )
+        assert not await conn.fetchval(
+            "SELECT has_table_privilege($1, 'orderbook_symbols', 'INSERT')", role_db.names.writer
+        )
     finally:
         await conn.close()
 
@@ -217,6 +225,7 @@ async def test_reader_reads_through_the_package(role_db: RoleDatabase) -> None:
         frame = await repo.quotes("SOLUSDT", quotes[0]["timestamp"], quotes[-1]["timestamp"] + 1)
         assert len(frame) == 50
         assert await repo.count("SOLUSDT") == 50
+        assert "SOLUSDT" in (await repo.latest())["symbol"].tolist()
     finally:
         await engine.dispose()
 

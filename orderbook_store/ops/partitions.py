@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.models import TABLE_COLUMNS, OrderbookData
 from orderbook_store.ops.archive import archive_partition
+from orderbook_store.ops.symbols import forget_unstored_symbols
 from orderbook_store.times import EPOCH_DATE, US_PER_DAY, day_of, from_us
 from orderbook_store.times import day_start_us as to_us
 
@@ -147,6 +148,8 @@ class PruneResult:
     dropped: list[str] = field(default_factory=list)
     rows: int = 0
     files: list[Path] = field(default_factory=list)
+    #: Symbols no row holds any more, taken off ``orderbook_symbols`` (see ``ops.symbols``).
+    forgotten: list[str] = field(default_factory=list)
 
 
 # -- time arithmetic --------------------------------------------------------------------------
@@ -502,8 +505,10 @@ async def prune(
     partition dropped; if anything fails it is attached again and ``PartitionError`` says so.
     Without ``archive_dir`` the rows are gone for good, so ``confirm=True`` is required.
     A partition that still has rows newer than the cutoff (the historical one, say) stays.
-    Rows arriving later for a dropped range land in the default partition (and the next
-    ``ensure`` gives them a partition again). ``progress`` is called with one line per step.
+    Symbols no row holds any more are taken off the list ``latest()`` reads
+    (``ops.symbols``). Rows arriving later for a dropped range land in the default partition
+    (and the next ``ensure`` gives them a partition again). ``progress`` is called with one
+    line per step.
     Detaching takes the table's lock briefly, once per partition; the export reads the
     detached table while writers carry on.
     """
@@ -555,6 +560,10 @@ async def prune(
             progress(f"dropped {part.name} ({rows:,} rows)")
         result.dropped.append(part.name)
         result.rows += rows
+    if result.dropped:
+        result.forgotten = await forget_unstored_symbols(engine) or []
+        if progress is not None and result.forgotten:
+            progress(f"no longer stored: {', '.join(result.forgotten)}")
     return result
 
 

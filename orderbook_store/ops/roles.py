@@ -16,7 +16,8 @@ What each role may do, and why:
     ``SELECT`` (the exactly-once check is ``INSERT ... ON CONFLICT (batch_id) DO NOTHING
     RETURNING batch_id``, and ``RETURNING`` and the conflict target read ``batch_id``) and
     ``DELETE`` (the hourly prune of entries older than the retention, whose ``WHERE`` reads
-    ``committed_at``). It cannot read a quote, delete one or change one.
+    ``committed_at``). It cannot read a quote, delete one or change one. Nothing on
+    ``orderbook_symbols``: the trigger that lists a new symbol runs as the owner.
 ``reader`` (notebooks, research)
     ``SELECT`` only, on the owner's tables now and later (default privileges).
 
@@ -122,7 +123,10 @@ DO $grants$
 DECLARE
     id_sequence text;
 BEGIN
-{writer_grants}    IF to_regclass('{schema}.orderbook_data') IS NOT NULL THEN
+{writer_grants}    IF to_regclass('{schema}.orderbook_symbols') IS NOT NULL THEN
+        GRANT SELECT ON {schema}.orderbook_symbols TO {r.reader};
+    END IF;
+    IF to_regclass('{schema}.orderbook_data') IS NOT NULL THEN
         GRANT SELECT ON {schema}.orderbook_data TO {r.reader};
         id_sequence := pg_get_serial_sequence('{schema}.orderbook_data', 'id');
         IF id_sequence IS NOT NULL THEN

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orderbook_store.models import OrderbookData
+from orderbook_store.models import OrderbookData, OrderbookSymbol
 
 if TYPE_CHECKING:
     import asyncpg
@@ -28,12 +28,14 @@ if TYPE_CHECKING:
 __all__ = ["Layout", "Part", "prepare_probes"]
 
 TABLE = OrderbookData.__tablename__
+SYMBOLS = OrderbookSymbol.__tablename__
 
 #: The parent's kind, and each partition's name (quoted by the server where it needs quotes,
 #: schema-qualified where it is not on the search path) and bound.
 _LAYOUT_SQL = f"""
 SELECT t.relkind::text AS kind, c.oid::regclass::text AS name,
-       pg_get_expr(c.relpartbound, c.oid) AS bound
+       pg_get_expr(c.relpartbound, c.oid) AS bound,
+       to_regclass('{SYMBOLS}') IS NOT NULL AS listed
 FROM pg_class t
 LEFT JOIN pg_inherits i ON i.inhparent = t.oid
 LEFT JOIN pg_class c ON c.oid = i.inhrelid
@@ -71,11 +73,13 @@ class Part:
 class Layout:
     """The parts of ``orderbook_data``: ``ranged`` newest first, and the default partition.
 
-    A plain table is one ranged part without bounds and no default.
+    A plain table is one ranged part without bounds and no default. ``symbols_listed``: the
+    database keeps the list of its symbols (``orderbook_symbols``, revision 0006).
     """
 
     ranged: tuple[Part, ...]
     default: Part | None
+    symbols_listed: bool = False
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -91,8 +95,9 @@ async def prepare_probes(raw: asyncpg.Connection) -> Layout:
     """
     await raw.execute(_PREPARE_SQL)
     rows = await raw.fetch(_LAYOUT_SQL)
+    listed = bool(rows[0]["listed"])
     if rows[0]["kind"] != "p":
-        return Layout((Part(TABLE, None, None),), None)
+        return Layout((Part(TABLE, None, None),), None, listed)
     ranged: list[Part] = []
     default = None
     for row in rows:
@@ -109,7 +114,7 @@ async def prepare_probes(raw: asyncpg.Connection) -> Layout:
         end = None if found.group(4) is None else int(found.group(4))
         ranged.append(Part(str(row["name"]), start, end))
     ranged.sort(key=_newest_first)
-    return Layout(tuple(ranged), default)
+    return Layout(tuple(ranged), default, listed)
 
 
 def _newest_first(part: Part) -> tuple[bool, int]:

@@ -3,17 +3,23 @@
 These answer ``latest``, ``asof`` (few times) and the quote in force at a time. On a plain
 table each probe is one backward descent of ``idx_orderbook_symbol_timestamp``. On a
 partitioned table the probes walk the partitions newest first (see ``read.layout``): a probe
-asks the partition that can hold its time, then windows of older partitions, doubling in size,
-until a partition has a row for it; the default partition is asked once, and its candidate
-wins when it is later. Each round is one statement naming only the partitions it asks, so the
-server plans a handful of small tables instead of every partition, and a probe usually costs
-one descent, as on a plain table.
+asks the partition that can hold its time (for the last quote of all: the current partition and
+those made ahead of time, then the newest one before them alone), then windows of older
+partitions, doubling in size, until a partition has a row for it; the default partition is
+asked once, and its candidate wins when it is later. Each round is one statement naming only
+the partitions it asks, so the server plans a handful of small tables instead of every
+partition, and a probe usually costs one descent, as on a plain table.
 
-``latest()`` of every stored symbol first needs the symbols: a skip scan of each part (one
-descent per distinct symbol, plus one), all in one statement, which also says which partition
-is the newest to hold each symbol; then one probe each, into that partition. That costs
-``partitions x (symbols + 1)`` descents: 10-15 ms for 30 daily partitions of 20 symbols,
-about 150 ms for 365 (a plain table: one descent per symbol).
+``latest()`` of every stored symbol first needs the symbols. A partitioned table keeps their
+list (``orderbook_symbols``, revision 0006), so each listed symbol is probed as above, newest
+partitions first: one statement for the list, then a round or two of probes (a symbol listed
+but no longer stored walks every partition and yields nothing; ``prune`` takes such symbols
+off the list, see ``ops.symbols``). A
+plain table, or a partitioned one from before 0006, finds them with a skip scan of each part
+(one descent per distinct symbol, plus one), all in one statement, which also says which
+partition is the newest to hold each symbol; then one probe each, into that partition. That
+costs ``partitions x (symbols + 1)`` descents: one per symbol on a plain table, but about
+150-230 ms for 365 daily partitions of 20 symbols.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from orderbook_store.read.layout import Layout
+from orderbook_store.read.layout import SYMBOLS, Layout
 
 if TYPE_CHECKING:
     import asyncpg
@@ -103,7 +109,9 @@ async def last_quotes(
             if walk.done:
                 continue
             walk.cursor += walk.window
-            walk.window *= 2
+            # After the current and the ahead partitions (usually empty), the newest closed one
+            # alone: a symbol still trading is there, so every symbol costs one descent.
+            walk.window = 1 if first_round and walk.upper_us == _NO_UPPER else walk.window * 2
             walk.done = walk.found is not None or walk.cursor >= len(layout.ranged)
         first_round = False
     answers = dict(zip(unique, (_later(w.found, w.default) for w in walks), strict=True))
@@ -113,9 +121,14 @@ async def last_quotes(
 async def latest_of_every_symbol(raw: asyncpg.Connection, layout: Layout) -> list[asyncpg.Record]:
     """The last quote of every stored symbol (in no particular order).
 
-    One statement finds the symbols and the newest partition holding each; a second probes
-    each symbol there (and in the default partition, where it has rows).
+    Listed symbols (see the module doc) are probed newest partition first. Otherwise one
+    statement finds the symbols and the newest partition holding each; a second probes each
+    symbol there (and in the default partition, where it has rows).
     """
+    if layout.symbols_listed:
+        listed = await raw.fetch(f"SELECT symbol FROM {SYMBOLS}")
+        last = await last_quotes(raw, layout, [Probe(r["symbol"]) for r in listed])
+        return [row for row in last if row is not None]
     found = await raw.fetch(_symbols_sql(layout))
     walks: list[_Walk] = []
     assignments: dict[int, list[int]] = {}

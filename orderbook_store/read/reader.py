@@ -383,8 +383,10 @@ class Reader:
 
         Each symbol's last quote is one backward index probe (on a partitioned table, into the
         newest partition holding it: see ``read.probes``). ``symbols=None`` means every stored
-        symbol, found by a skip scan of ``idx_orderbook_symbol_timestamp`` (one index probe per
-        distinct symbol, in each partition), never a table scan.
+        symbol: those ``orderbook_symbols`` lists (revision 0006; a symbol listed but no longer
+        stored is left out), or on an older schema those a skip scan of
+        ``idx_orderbook_symbol_timestamp`` finds (one index probe per distinct symbol, in each
+        partition); never a table scan.
         """
         checked_output = _check_output(output)
         names = None if symbols is None else sorted(set(_symbol_list(symbols)))
