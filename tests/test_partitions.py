@@ -751,6 +751,17 @@ async def test_upgrade_while_a_writer_streams_loses_nothing(make_database: MakeD
     assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
 
 
+async def timed_probe_insert(probe: asyncpg.Connection, waits: list[float]) -> None:
+    """One insert of a PROBEUSDT row; how long it took is appended to ``waits``."""
+    started = time.perf_counter()
+    await probe.execute(
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+        "VALUES ('PROBEUSDT', $1, $1)",
+        JAN_1_2024 + 5 * DAY_US + len(waits),
+    )
+    waits.append(time.perf_counter() - started)
+
+
 @pytest.mark.slow
 async def test_upgrade_of_millions_of_rows_never_stalls_a_writer_half_a_second(
     make_database: MakeDb,
@@ -770,13 +781,7 @@ async def test_upgrade_of_millions_of_rows_never_stalls_a_writer_half_a_second(
             asyncio.to_thread(migrations.upgrade, Settings(database_url=url), "head")
         )
         while not upgrading.done():
-            started = time.perf_counter()
-            await probe.execute(
-                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
-                "VALUES ('PROBEUSDT', $1, $1)",
-                JAN_1_2024 + 5 * DAY_US + len(waits),
-            )
-            waits.append(time.perf_counter() - started)
+            await timed_probe_insert(probe, waits)
             await asyncio.sleep(0.02)
         await upgrading
     finally:
@@ -815,13 +820,7 @@ async def test_a_long_reader_during_an_upgrade_never_stalls_a_writer(
                 await reader.execute("COMMIT")
                 await reader.close()
                 reader = None
-            started = time.perf_counter()
-            await probe.execute(
-                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
-                "VALUES ('PROBEUSDT', $1, $1)",
-                JAN_1_2024 + 5 * DAY_US + len(waits),
-            )
-            waits.append(time.perf_counter() - started)
+            await timed_probe_insert(probe, waits)
             await asyncio.sleep(0.02)
         await upgrading
     finally:
