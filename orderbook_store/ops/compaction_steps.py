@@ -468,33 +468,13 @@ async def _swap_script(
         f"DROP TABLE {_q(late)}",
     ]
     names = ", ".join(_literal(p.name) for p in pieces)
-    script.append(_TIDY_INDEXES.replace("{names}", names))
+    script.append(
+        parts.tidy_index_names(
+            f"t.relname IN ({names}) AND NOT x.indisprimary"
+            " AND t.relnamespace = current_schema()::regnamespace"
+        ).strip()
+    )
     return ";\n".join(script) + ";"
-
-
-#: Names the new partitions' indexes as every partition's are: ``<parent index>_<suffix>``.
-_TIDY_INDEXES = """
-DO $tidy$
-DECLARE r record;
-BEGIN
-    FOR r IN
-        SELECT child.relname AS child,
-               left(parent.relname || '_' || regexp_replace(t.relname, '^orderbook_data_', ''), 63)
-                   AS wanted
-        FROM pg_index x
-        JOIN pg_class child ON child.oid = x.indexrelid
-        JOIN pg_class t ON t.oid = x.indrelid
-        JOIN pg_inherits h ON h.inhrelid = child.oid
-        JOIN pg_class parent ON parent.oid = h.inhparent
-        WHERE t.relname IN ({names}) AND NOT x.indisprimary
-          AND t.relnamespace = current_schema()::regnamespace
-    LOOP
-        IF r.child <> r.wanted THEN
-            EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
-        END IF;
-    END LOOP;
-END
-$tidy$"""
 
 
 # -- what an interrupted run left -------------------------------------------------------------

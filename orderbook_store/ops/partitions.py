@@ -53,10 +53,14 @@ ADVISORY_LOCK_KEY = 0x0B5_9A27  # "orderbook_store partitions"
 
 #: Every column, in table order (what a move or an export carries).
 
-#: Names each partition's copy of a parent index ``<parent index>_<partition suffix>``
-#: (``idx_orderbook_symbol_timestamp_p20240101``), so plans read like the plain table's.
-#: Revision 0004 runs the same statement.
-TIDY_INDEX_NAMES = """
+
+def tidy_index_names(where: str) -> str:
+    """A statement naming each partition's copy of a parent index ``<parent index>_<partition
+    suffix>`` (``idx_orderbook_symbol_timestamp_p20240101``), so plans read like the plain
+    table's. ``where`` picks the indexes (``child``: the partition's index, ``parent``: the
+    parent's, ``t``: the partition, ``x``: its ``pg_index`` row). Revision 0004 runs the same
+    statement (frozen there)."""
+    return f"""
 DO $names$
 DECLARE
     r record;
@@ -70,8 +74,7 @@ BEGIN
         JOIN pg_class parent ON parent.oid = h.inhparent
         JOIN pg_index x ON x.indexrelid = child.oid
         JOIN pg_class t ON t.oid = x.indrelid
-        WHERE parent.relname IN (
-            'idx_orderbook_symbol_timestamp', 'idx_orderbook_created_at', 'idx_orderbook_symbol')
+        WHERE {where}
     LOOP
         IF r.child <> r.wanted THEN
             EXECUTE format('ALTER INDEX %I RENAME TO %I', r.child, r.wanted);
@@ -80,6 +83,13 @@ BEGIN
 END
 $names$
 """
+
+
+#: The copies of the table's indexes in every partition (after ``ensure`` makes partitions).
+TIDY_INDEX_NAMES = tidy_index_names(
+    "parent.relname IN ("
+    "'idx_orderbook_symbol_timestamp', 'idx_orderbook_created_at', 'idx_orderbook_symbol')"
+)
 
 _BOUND = re.compile(r"FROM \('(-?\d+)'\) TO \('(-?\d+)'\)")
 
