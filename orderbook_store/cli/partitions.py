@@ -71,6 +71,16 @@ def _period_option(value: str) -> str:
     return value
 
 
+#: ``--period`` of ``ensure`` and ``compact``.
+PeriodOption = Annotated[
+    str | None,
+    typer.Option(
+        help="day, week or month (default: the period the table already uses).",
+        parser=_period_option,
+    ),
+]
+
+
 def _age_option(value: str) -> dt.timedelta:
     try:
         return parse_age(value, "--older-than")
@@ -89,13 +99,7 @@ def ensure(
             help="Periods after the current one that must have a partition.", min=0, max=1000
         ),
     ] = 7,
-    period: Annotated[
-        str | None,
-        typer.Option(
-            help="day, week or month (default: the period the table already uses).",
-            parser=_period_option,
-        ),
-    ] = None,
+    period: PeriodOption = None,
     since: Annotated[
         dt.date | None,
         typer.Option(
@@ -188,13 +192,7 @@ def list_(
 
 @app.command()
 def compact(
-    period: Annotated[
-        str | None,
-        typer.Option(
-            help="day, week or month (default: the period the table already uses).",
-            parser=_period_option,
-        ),
-    ] = None,
+    period: PeriodOption = None,
     lock_timeout: Annotated[
         float,
         typer.Option(
