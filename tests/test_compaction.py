@@ -139,6 +139,24 @@ async def shape(url: str, table: str) -> dict[str, list[str]]:
 # -- what compaction makes ----------------------------------------------------------------------
 
 
+async def write_until_done(
+    task: asyncio.Task[object],
+    repo: OrderbookRepository,
+    day_for: Callable[[int, int], int],
+) -> int:
+    """Quotes through ``repo`` in tens until ``task`` is done and at least 2,000 went in, then
+    flushed; the ``k``-th of a ten after ``n`` quotes is on the day ``day_for(n, k)`` starts.
+    Returns how many were added (every one a distinct symbol and timestamp)."""
+    added = 0
+    while not task.done() or added < 2_000:
+        for k in range(10):
+            await repo.add(quote(SYMBOLS[k % 4], day_for(added, k) + 7 + added + k))
+        added += 10
+        await asyncio.sleep(0.003)
+    await repo.flush()
+    return added
+
+
 async def test_compaction_splits_the_history_into_sorted_days_keeping_every_row_and_id(
     make_database: MakeDb,
 ) -> None:
@@ -211,26 +229,24 @@ async def test_a_live_writer_keeps_writing_into_the_history_while_it_is_split(
     partition, where any row no partition covers goes)."""
     url = await legacy_at_head(make_database, 100_000)
     before = await checksum(url)
-    added = gap = 0
+    gap = 0
     async with (
         engine_on(url) as engine,
         OrderbookRepository(engine, batch_size=20, flush_interval_s=0.005) as repo,
     ):
         said: list[str] = []
         task = asyncio.create_task(compaction.compact(engine, progress=said.append))
-        while not task.done() or added < 2_000:
+
+        def day_for(_n: int, k: int) -> int:
+            nonlocal gap
             chosen = any(line.startswith("built ") for line in said)  # the pieces are chosen
-            for k in range(10):
-                if k == 9 and chosen:  # a day of 2024 that held no row
-                    day_us = JAN_1_2024 + 200 * DAY_US
-                    gap += 1
-                else:
-                    day_us = int(time.time() * 1e6)
-                await repo.add(quote(SYMBOLS[k % 4], day_us + 7 + added + k))
-            added += 10
-            await asyncio.sleep(0.003)
+            if k == 9 and chosen:  # a day of 2024 that held no row
+                gap += 1
+                return JAN_1_2024 + 200 * DAY_US
+            return int(time.time() * 1e6)
+
+        added = await write_until_done(task, repo, day_for)
         result = await task
-        await repo.flush()
     assert result.compacted[0].source == "orderbook_data_history"
     stored = await fetch(
         url,
@@ -308,24 +324,20 @@ async def test_rows_written_into_a_partition_while_it_is_compacted_are_kept(
 ) -> None:
     url = await legacy_at_head(make_database, 150_000)
     before = await checksum(url)
-    added = 0
     async with (
         engine_on(url) as engine,
         OrderbookRepository(engine, batch_size=20, flush_interval_s=0.005) as repo,
     ):
         task = asyncio.create_task(compaction.compact(engine, now=AFTER_JANUARY))
-        while not task.done() or added < 2_000:
-            for k in range(10):
-                # late quotes for the January being compacted, and quotes of today
-                if k % 2:
-                    day_us = JAN_1_2024 + ((added + k) % 30) * DAY_US
-                else:
-                    day_us = int(time.time() * 1e6)
-                await repo.add(quote(SYMBOLS[k % 4], day_us + 7 + added + k))
-            added += 10
-            await asyncio.sleep(0.003)
+
+        def day_for(n: int, k: int) -> int:
+            # late quotes for the January being compacted, and quotes of today
+            if k % 2:
+                return JAN_1_2024 + ((n + k) % 30) * DAY_US
+            return int(time.time() * 1e6)
+
+        added = await write_until_done(task, repo, day_for)
         result = await task
-        await repo.flush()
     assert result.compacted[0].late_rows > 0  # some arrived during the copy and were caught up
     stored = await fetch(
         url,
