@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     Index,
     Integer,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Stable constraint and index names, so migrations never depend on names the server invents.
@@ -92,6 +94,38 @@ class OrderbookSymbol(Base):
     __tablename__ = "orderbook_symbols"
 
     symbol: Mapped[str] = mapped_column(String(20), primary_key=True)
+
+
+class LakeRange(Base):
+    """The lake's catalog (revision 0007): one entry per partition archived to the lake.
+
+    An entry exists only once every file of the range was written and verified against the
+    partition (rows and checksum), so a killed archive leaves none. ``dropped_at`` is set when
+    ``prune`` drops the partition: from then on reads take ``[start_us, end_us)`` from the
+    lake's ``files`` (paths relative to the lake's root), and ``restore`` clears it again.
+    """
+
+    __tablename__ = "orderbook_lake_ranges"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    partition_name: Mapped[str] = mapped_column(Text, nullable=False)
+    start_us: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    end_us: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    symbols: Mapped[list[str]] = mapped_column(ARRAY(String(20)), nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    checksum: Mapped[str] = mapped_column(String(64), nullable=False)
+    files: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
+    format_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    lake_url: Mapped[str] = mapped_column(Text, nullable=False)
+    archived_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("now()")
+    )
+    dropped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("start_us < end_us", name="range"),
+        Index("uq_orderbook_lake_ranges_range", "start_us", "end_us", unique=True),
+    )
 
 
 _QUOTES = OrderbookData.__table__.columns

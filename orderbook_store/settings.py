@@ -32,9 +32,21 @@ SSL_MODES: tuple[str, ...] = get_args(SslMode)
 #: Field name -> the environment variable a user sets, for error messages.
 _ENV_NAMES = {
     "database_url": "DATABASE_URL",
+    "lake_url": "LAKE_URL",
+    "lake_endpoint_url": "LAKE_ENDPOINT_URL",
+    "lake_region": "LAKE_REGION",
+    "lake_access_key_id": "LAKE_ACCESS_KEY_ID",
+    "lake_secret_access_key": "LAKE_SECRET_ACCESS_KEY",
 }
 
-_SECRET_FIELDS = frozenset({"password", "database_url", "DATABASE_URL", "read_url"})
+_SECRET_FIELDS = frozenset(
+    {"password", "database_url", "DATABASE_URL", "read_url", "lake_secret_access_key"}
+)
+
+
+def _lake_variable(name: str) -> Any:
+    """A lake setting read from ``LAKE_<NAME>`` (not ``DB_``: the lake is not the database)."""
+    return AliasChoices(f"LAKE_{name.upper()}", f"lake_{name}")
 
 
 def _env_name(field: str) -> str:
@@ -83,6 +95,15 @@ class Settings(BaseSettings):
     read_url: SecretStr | None = None
     read_host: str | None = None
     read_max_lag_s: float = Field(30.0, gt=0)
+    #: Where archived partitions go and cross-tier reads find them: a directory or
+    #: ``s3://bucket/prefix`` (see ``files.lake_store``).
+    lake_url: str | None = Field(None, validation_alias=_lake_variable("url"))
+    lake_endpoint_url: str | None = Field(None, validation_alias=_lake_variable("endpoint_url"))
+    lake_region: str | None = Field(None, validation_alias=_lake_variable("region"))
+    lake_access_key_id: str | None = Field(None, validation_alias=_lake_variable("access_key_id"))
+    lake_secret_access_key: SecretStr | None = Field(
+        None, validation_alias=_lake_variable("secret_access_key")
+    )
 
     def __init__(self, **values: Any) -> None:
         try:

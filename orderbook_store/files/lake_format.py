@@ -1,0 +1,156 @@
+"""The lake format: how quotes are laid out as Parquet, for ``export`` and archiving alike.
+
+Layout (hive partitioning, values URI-escaped as hive does)::
+
+    <root>/exchange=<exchange>/symbol=<symbol>/date=<YYYY-MM-DD>/part-<from>-<to>.parquet
+
+``date`` is the UTC date of ``timestamp``; ``<from>``/``<to>`` are the microsecond bounds of the
+part of that date the file covers (a whole day is always the same name). ``exchange``,
+``symbol`` and ``date`` live in the path only; DuckDB, polars, Spark and pyarrow datasets add
+them back from it.
+
+Each file holds ``FILE_COLUMNS``, typed from the model (``models.arrow_schema``):
+``timestamp``/``local_timestamp`` as ``timestamp[us, UTC]``, the four prices and amounts as
+``decimal128(20, 8)`` (exact), ``id`` as int64 and ``created_at`` as ``timestamp[us]``, so a
+file restores every column of its rows. Rows are in (``timestamp``, ``id``) order, in row
+groups of ``ROW_GROUP_ROWS`` with statistics, so a reader of a time range skips whole row
+groups. Compression is zstd; the rising integers and times are delta-encoded and the decimals
+dictionary-encoded, which brings a real quote to about 12 bytes (``docs/lake-format.md``).
+The schema metadata carries ``FORMAT_KEY: FORMAT_VERSION``.
+
+A file is complete or absent: on a local disk it is written under a hidden name (pyarrow,
+DuckDB and Spark skip names starting with ``.``) and renamed; on S3 the object only appears
+when its upload completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import uuid
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+from orderbook_store.models import DECIMAL_COLUMNS, arrow_schema
+
+if TYPE_CHECKING:
+    from orderbook_store.files.lake_store import Lake
+
+__all__ = [
+    "FILE_COLUMNS",
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "ROW_GROUP_ROWS",
+    "LakeFile",
+    "day_dir",
+    "file_name",
+    "file_schema",
+    "partitioning",
+]
+
+FORMAT_KEY: Final = b"orderbook_store.lake_format"
+FORMAT_VERSION: Final = 1
+DAY_US: Final = 86_400_000_000
+#: Rows per row group: about a minute to an hour of one symbol, small enough that a short
+#: range read skips most of a day, large enough that the per-group overhead is noise.
+ROW_GROUP_ROWS: Final = 128 * 1024
+#: The columns of every file, in order (partition columns live in the path).
+FILE_COLUMNS: Final = ("timestamp", "local_timestamp", *DECIMAL_COLUMNS, "id", "created_at")
+_DELTA_COLUMNS: Final = ("timestamp", "local_timestamp", "id", "created_at")
+
+
+def file_schema() -> Any:
+    """The ``pyarrow.Schema`` of a lake file, with the format version in its metadata."""
+    schema = arrow_schema(FILE_COLUMNS, times_as_timestamps=True)
+    return schema.with_metadata({FORMAT_KEY: str(FORMAT_VERSION).encode()})
+
+
+def partitioning() -> Any:
+    """The hive partitioning of the lake, typed, for ``pyarrow.dataset``."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    return ds.partitioning(
+        pa.schema([("exchange", pa.string()), ("symbol", pa.string()), ("date", pa.date32())]),
+        flavor="hive",
+    )
+
+
+def day_dir(exchange: str, symbol: str, day: dt.date) -> str:
+    """The directory of one exchange/symbol/date, relative to the lake's root."""
+    return (
+        f"exchange={quote(exchange, safe='')}/symbol={quote(symbol, safe='')}"
+        f"/date={day.isoformat()}"
+    )
+
+
+def file_name(low_us: int, high_us: int) -> str:
+    """The name of the file covering ``[low_us, high_us)`` of one date."""
+    return f"part-{low_us}-{high_us}.parquet"
+
+
+def day_of_us(timestamp_us: int) -> dt.date:
+    """The UTC date of a microsecond timestamp."""
+    return dt.date(1970, 1, 1) + dt.timedelta(days=timestamp_us // DAY_US)
+
+
+def day_bounds(day: dt.date, start_us: int, end_us: int) -> tuple[int, int]:
+    """The part of ``day`` (UTC) that ``[start_us, end_us)`` covers, in µs."""
+    day_start = (day - dt.date(1970, 1, 1)).days * DAY_US
+    return max(start_us, day_start), min(end_us, day_start + DAY_US)
+
+
+def writer_options() -> dict[str, Any]:
+    """``pyarrow.parquet.ParquetWriter`` options of the format (see the module doc)."""
+    return {
+        "compression": "zstd",
+        "use_dictionary": list(DECIMAL_COLUMNS),
+        "column_encoding": dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED"),
+        "write_statistics": True,
+    }
+
+
+class LakeFile:
+    """One lake file being written: complete under its final path, or not there at all.
+
+    ``write`` takes Arrow tables of ``FILE_COLUMNS`` (cast to the format's types), already in
+    (timestamp, id) order; ``commit`` makes the file visible, ``abandon`` removes what exists.
+    """
+
+    def __init__(self, lake: Lake, relative_path: str) -> None:
+        import pyarrow.parquet as pq
+
+        self.lake = lake
+        self.relative_path = relative_path
+        self.path = lake.path(relative_path)
+        directory, _, name = self.path.rpartition("/")
+        lake.filesystem.create_dir(directory, recursive=True)
+        self._temporary = (
+            f"{directory}/.{name}.{uuid.uuid4().hex}.tmp" if lake.is_local else self.path
+        )
+        self.schema = file_schema()
+        self.rows = 0
+        self._writer = pq.ParquetWriter(
+            self._temporary, self.schema, filesystem=lake.filesystem, **writer_options()
+        )
+
+    def write(self, table: Any) -> None:
+        """Append rows; rows are cast to the format's types first (names must match)."""
+        table = table.select(list(FILE_COLUMNS)).cast(self.schema)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+    def commit(self) -> str:
+        """Close the file and give it its final name; returns its path relative to the root."""
+        self._writer.close()
+        if self._temporary != self.path:
+            self.lake.filesystem.move(self._temporary, self.path)
+        return self.relative_path
+
+    def abandon(self) -> None:
+        """Close and remove whatever was written."""
+        try:
+            self._writer.close()
+        finally:
+            with contextlib.suppress(OSError):  # nothing was written
+                self.lake.filesystem.delete_file(self._temporary)
