@@ -8,8 +8,8 @@ partition. This module keeps it that way:
 * ``ensure(engine, ahead=N)`` creates the partitions of the current period and the next ``N``,
   and moves rows that landed in the default partition into partitions of their own periods;
 * ``list_partitions(engine)`` says what exists: name, range, estimated rows, size on disk;
-* ``prune(engine, older_than, archive_dir=...)`` detaches partitions wholly older than the
-  cutoff, exports them to Parquet, checks the file holds every row, then drops them;
+* ``prune(engine, older_than, lake=...)`` drops partitions wholly older than the cutoff once
+  the lake holds them, archived and verified (``ops.archive``, its catalog ``ops.lake_catalog``);
 * ``compaction.compact(engine)`` rewrites closed partitions in (symbol, timestamp, id) order
   (its own module); ``PartitionInfo.compacted_at`` says which ones it did.
 
@@ -35,8 +35,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
+from orderbook_store.files.lake_store import Lake
 from orderbook_store.models import TABLE_COLUMNS, OrderbookData
-from orderbook_store.ops.archive import archive_partition
+from orderbook_store.ops import lake_catalog
 from orderbook_store.ops.symbols import forget_unstored_symbols
 from orderbook_store.times import EPOCH_DATE, US_PER_DAY, day_of, from_us
 from orderbook_store.times import day_start_us as to_us
@@ -153,11 +154,12 @@ class EnsureResult:
 
 @dataclass
 class PruneResult:
-    """What ``prune`` did: partitions dropped, rows they held, Parquet files written."""
+    """What ``prune`` did: partitions dropped, rows they held, and the lake files holding them
+    (paths in the lake's filesystem: absolute paths for a directory)."""
 
     dropped: list[str] = field(default_factory=list)
     rows: int = 0
-    files: list[Path] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
     #: Symbols no row holds any more, taken off ``orderbook_symbols`` (see ``ops.symbols``).
     forgotten: list[str] = field(default_factory=list)
 
@@ -316,6 +318,7 @@ def _plan(
     ahead: int,
     default_days: Sequence[dt.date],
     since: dt.date | None = None,
+    until: dt.date | None = None,
 ) -> list[tuple[int, int]]:
     """Ranges to create: wanted periods (upcoming ones, those from ``since`` on, those of
     default rows) not yet taken."""
@@ -327,7 +330,10 @@ def _plan(
     last = start
     if since is not None:
         start = period_start(since, period)
-        while start < last:
+        stop = (
+            last if until is None else min(last, next_period(period_start(until, period), period))
+        )
+        while start < stop:
             starts.add(start)
             start = next_period(start, period)
     starts.update(period_start(day, period) for day in default_days)
@@ -363,6 +369,7 @@ async def ensure(
     period: Period | str | None = None,
     today: dt.date | None = None,
     since: dt.date | None = None,
+    until: dt.date | None = None,
     lock_timeout_s: float | None = None,
 ) -> EnsureResult:
     """Create the partitions of the current period and the next ``ahead``; rehome default rows.
@@ -374,7 +381,9 @@ async def ensure(
     every period from that date on: run it before importing old data, so the rows go straight
     to their partitions instead of through the default one (moving many rows out of the
     default partition holds the table's lock while they move). More than ``CREATE_BATCH``
-    partitions are created ``CREATE_BATCH`` per transaction, oldest first.
+    partitions are created ``CREATE_BATCH`` per transaction, oldest first. ``until`` stops
+    ``since``'s periods at the one holding that date (``restore`` makes only the periods of
+    the range it brings back).
     ``lock_timeout_s`` bounds the wait for the table lock (``PartitionError`` past it), so a
     long reader never leaves writers queued behind this run.
     """
@@ -384,7 +393,9 @@ async def ensure(
     chosen = check_period(period) if period is not None else None
     result: EnsureResult | None = None
     while True:
-        batch, more = await _ensure_batch(engine, ahead, chosen, today, since, lock_timeout_s)
+        batch, more = await _ensure_batch(
+            engine, ahead, chosen, today, since, lock_timeout_s, until
+        )
         if result is None:
             result = batch
         else:
@@ -402,6 +413,7 @@ async def _ensure_batch(
     today: dt.date,
     since: dt.date | None,
     lock_timeout_s: float | None,
+    until: dt.date | None = None,
 ) -> tuple[EnsureResult, bool]:
     """One transaction of ``ensure``: up to ``CREATE_BATCH`` partitions, with the default
     partition's rows that belong in them; True when more remain to create."""
@@ -414,7 +426,7 @@ async def _ensure_batch(
         result = EnsureResult(period=chosen)
         has_default = await _has_default(conn)
         default_days = await _default_days(conn) if has_default else []
-        if not _plan(partitions, chosen, today, ahead, default_days, since):
+        if not _plan(partitions, chosen, today, ahead, default_days, since, until):
             return result, False
 
         # Work to do: from here on, writers wait until commit (they never see a half state).
@@ -423,7 +435,7 @@ async def _ensure_batch(
         # Re-read under the lock: this is the truth now.
         partitions = await _partitions(conn, sizes=False)
         default_days = await _default_days(conn) if has_default else []
-        planned = _plan(partitions, chosen, today, ahead, default_days, since)
+        planned = _plan(partitions, chosen, today, ahead, default_days, since, until)
         ranges = planned[:CREATE_BATCH]
 
         columns = ", ".join(f'"{c}"' for c in TABLE_COLUMNS)
@@ -503,33 +515,43 @@ async def prune(
     older_than: dt.timedelta | dt.datetime | dt.date,
     archive_dir: str | Path | None = None,
     *,
+    lake: Lake | None = None,
     confirm: bool = False,
     now: dt.datetime | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Drop partitions wholly older than ``older_than`` (an age, or a UTC moment/date).
 
-    With ``archive_dir``, each partition is detached, written to
-    ``archive_dir/period_start=YYYY-MM-DD/<partition>.parquet`` (pyarrow), the file is read
-    back and must hold exactly the partition's row count (and id sum), and only then is the
-    partition dropped; if anything fails it is attached again and ``PartitionError`` says so.
-    Without ``archive_dir`` the rows are gone for good, so ``confirm=True`` is required.
-    A partition that still has rows newer than the cutoff (the historical one, say) stays.
-    Symbols no row holds any more are taken off the list ``latest()`` reads
-    (``ops.symbols``). Rows arriving later for a dropped range land in the default partition
-    (and the next ``ensure`` gives them a partition again). ``progress`` is called with one
-    line per step.
-    Detaching takes the table's lock briefly, once per partition; the export reads the
-    detached table while writers carry on.
+    With a ``lake`` (or ``archive_dir``, a local directory used as one), a partition is
+    dropped only once its range is archived and verified there (``ops.archive``; archived
+    first if the catalog has no entry for it): it is detached and marked dropped in the
+    catalog in one transaction (reads then take the range from the lake), then checked
+    against its entry (rows and checksum); rows that arrived after the archive make it archive
+    the partition again before it is dropped. If anything fails it is attached again (the mark
+    cleared) and ``PartitionError`` says so. Without a lake the rows are gone for good, so
+    ``confirm=True`` is required. Symbols no row holds any more are taken off the list
+    ``latest()`` reads (``ops.symbols``). Rows arriving later for a dropped range land in the
+    default partition (and the next ``ensure`` gives them a partition again). ``progress`` is
+    called with one line per step. Detaching takes the table's lock briefly, once per
+    partition; archiving and checking read the partition while writers carry on.
     """
-    if archive_dir is None and not confirm:
+    from orderbook_store.ops import archive
+
+    if lake is None and archive_dir is not None:
+        lake = archive.directory_lake(archive_dir)
+    if lake is None and not confirm:
         raise PartitionError(
-            "prune without an archive deletes rows for good: pass an archive directory "
-            "(--archive DIR) or confirm (--yes)"
+            "prune without an archive deletes rows for good: configure a lake (LAKE_URL), "
+            "pass an archive directory (--archive DIR) or confirm (--yes)"
         )
+    say = progress or (lambda _line: None)
     result = PruneResult()
     for part in await prunable(engine, older_than, now=now):
         assert part.start_us is not None and part.end_us is not None
+        if lake is not None:
+            await archive.archive_partition(
+                engine, lake, part.name, part.start_us, part.end_us, say
+            )
         async with engine.begin() as conn:
             await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
             still_attached = (
@@ -544,17 +566,16 @@ async def prune(
             if still_attached is None:  # another prune run took it first
                 continue
             await conn.execute(text(f'ALTER TABLE {TABLE} DETACH PARTITION "{part.name}"'))
-        if progress is not None:
-            progress(f"detached {part.name} ({_day_text(part)})")
+            if lake is not None:
+                await lake_catalog.mark_dropped(conn, part.start_us, part.end_us)
+        say(f"detached {part.name} ({_day_text(part)})")
         try:
             rows = await _count(engine, part.name)
-            if archive_dir is not None:
-                path = await archive_partition(engine, part, Path(archive_dir), rows)
-                result.files.append(path)
-                if progress is not None:
-                    progress(f"archived {rows:,} rows of {part.name} to {path}")
+            if lake is not None:
+                files = await _reverify(engine, lake, part, say)
+                result.files.extend(lake.path(relative) for relative in files)
         except Exception as exc:
-            await _reattach(engine, part, exc)
+            await _reattach(engine, part, exc, lake is not None)
             if isinstance(exc, PartitionError):
                 raise
             raise PartitionError(
@@ -562,19 +583,49 @@ async def prune(
                 "nothing was dropped"
             ) from exc
         except BaseException as exc:  # cancelled or interrupted: put it back, then go
-            await asyncio.shield(_reattach(engine, part, exc))
+            await asyncio.shield(_reattach(engine, part, exc, lake is not None))
             raise
         async with engine.begin() as conn:
             await conn.execute(text(f'DROP TABLE "{part.name}"'))
-        if progress is not None:
-            progress(f"dropped {part.name} ({rows:,} rows)")
+        say(f"dropped {part.name} ({rows:,} rows)")
         result.dropped.append(part.name)
         result.rows += rows
     if result.dropped:
         result.forgotten = await forget_unstored_symbols(engine) or []
-        if progress is not None and result.forgotten:
-            progress(f"no longer stored: {', '.join(result.forgotten)}")
+        if result.forgotten:
+            say(f"no longer stored: {', '.join(result.forgotten)}")
     return result
+
+
+async def _reverify(
+    engine: AsyncEngine, lake: Lake, part: PartitionInfo, say: Callable[[str], None]
+) -> list[str]:
+    """The detached partition checked against its catalog entry (rows and checksum); archived
+    again when rows arrived after its archive. Returns the entry's files."""
+    from orderbook_store.files.lake_checksum import Totals, totals_sql
+    from orderbook_store.ops import archive
+
+    assert part.start_us is not None and part.end_us is not None
+    async with engine.connect() as conn:
+        entry = await lake_catalog.entry_for(conn, part.start_us, part.end_us)
+        row = (await conn.execute(text(totals_sql(f'"{part.name}"')))).one()
+    now = Totals.from_row(row)
+    if entry is not None and (entry.rows, entry.checksum) == (now.rows, now.digest()):
+        return entry.files
+    say(
+        f"{part.name} holds {now.rows:,} rows, its archive "
+        f"{'none' if entry is None else f'{entry.rows:,}'}: archiving it again"
+    )
+    done = await archive.archive_partition(
+        engine, lake, part.name, part.start_us, part.end_us, say, replace=True
+    )
+    assert done is not None
+    if (done.rows, done.checksum) != (now.rows, now.digest()):
+        raise PartitionError(
+            f"{part.name} changed while detached ({now.rows:,} rows, then {done.rows:,}); "
+            "nothing was dropped"
+        )
+    return done.files
 
 
 def _day_text(part: PartitionInfo) -> str:
@@ -589,7 +640,9 @@ async def _count(engine: AsyncEngine, name: str) -> int:
         return int((await conn.execute(text(f'SELECT count(*) FROM "{name}"'))).scalar_one())
 
 
-async def _reattach(engine: AsyncEngine, part: PartitionInfo, cause: BaseException) -> None:
+async def _reattach(
+    engine: AsyncEngine, part: PartitionInfo, cause: BaseException, archived: bool = False
+) -> None:
     """Put a detached partition back; if even that fails, say exactly what is left to do."""
     attach = (
         f'ALTER TABLE {TABLE} ATTACH PARTITION "{part.name}" '
@@ -599,6 +652,9 @@ async def _reattach(engine: AsyncEngine, part: PartitionInfo, cause: BaseExcepti
         async with engine.begin() as conn:
             await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
             await conn.execute(text(attach))
+            if archived:
+                assert part.start_us is not None and part.end_us is not None
+                await lake_catalog.clear_dropped(conn, part.start_us, part.end_us)
     except Exception as exc:
         raise PartitionError(
             f"archiving {part.name} failed ({cause}) and attaching it again failed too ({exc}); "

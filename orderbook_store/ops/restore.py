@@ -1,0 +1,255 @@
+"""Restore: archived rows of a range brought back from the lake into ``orderbook_data``.
+
+``restore(engine, lake, start_us, end_us, symbol=None)`` reads the catalog entries meeting the
+range (``ops.lake_catalog``), makes the partitions of their periods first (``partitions.ensure``
+with ``since``/``until``, so rows land in a partition of their own, not in the default one),
+then brings back each listed file of a wanted symbol, one transaction per file:
+
+* the file's rows in the range go, every column as archived (the original ``id`` and
+  ``created_at`` too: ids come from the table's one sequence, which never hands out an
+  archived row's id again), into a temporary table;
+* one ``INSERT ... SELECT`` through the parent table stores those the table does not hold
+  already, by the importers' rule (``files.importers.dedupe``: the same quote is equal
+  exchange, symbol, timestamp, local_timestamp and four values; a quote the file holds ``n``
+  times and the table ``m`` times is stored ``n - m`` more times, keeping the ids of the
+  copies not stored yet). So a second restore adds 0, and a range half restored is completed.
+
+When every file of an entry was brought back over its whole range (every symbol), the entry's
+``dropped_at`` is cleared: reads take the range from PostgreSQL again. A restore of some
+symbols or part of a range leaves it set. Restores take turns (an advisory lock per file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orderbook_store.errors import ConfigError, OrderbookStoreError
+from orderbook_store.files.importers.dedupe import planned_for_bulk, same_quote
+from orderbook_store.files.lake_format import DAY_US, FILE_COLUMNS
+from orderbook_store.files.lake_store import Lake
+from orderbook_store.models import QUOTE_COLUMNS, TABLE_COLUMNS, OrderbookData
+from orderbook_store.ops import lake_catalog as catalog
+from orderbook_store.ops.lake_catalog import LakeEntry
+from orderbook_store.pg.connection import raw_connection
+from orderbook_store.times import day_of
+
+__all__ = ["RESTORE_LOCK_KEY", "RestoreError", "RestoreResult", "restore"]
+
+ProgressFn = Callable[[str], None]
+
+#: Key of the advisory lock each file's transaction holds (restores take turns).
+RESTORE_LOCK_KEY: Final = 0x0B5_9A2A
+
+PENDING: Final = "orderbook_restore_pending"
+_TABLE: Final = OrderbookData.__tablename__
+_ALL: Final = ", ".join(f'"{c}"' for c in TABLE_COLUMNS)
+_KEY: Final = ", ".join(f'"{c}"' for c in QUOTE_COLUMNS)
+#: The order of the CSV sent to the pending table.
+_CSV_COLUMNS: Final = ("exchange", "symbol", *FILE_COLUMNS)
+
+
+class RestoreError(OrderbookStoreError):
+    """A range could not be restored; what each file's transaction committed stays."""
+
+
+@dataclass
+class RestoreResult:
+    """What ``restore`` did: rows read from the lake, rows stored, rows already there."""
+
+    rows_read: int = 0
+    rows_added: int = 0
+    files: list[str] = field(default_factory=list)
+    #: Ranges ``[start_us, end_us)`` whose ``dropped_at`` was cleared.
+    ranges_back: list[tuple[int, int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rows_skipped(self) -> int:
+        return self.rows_read - self.rows_added
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, plus the rows skipped."""
+        return asdict(self) | {"rows_skipped": self.rows_skipped}
+
+
+def _file_parts(relative: str) -> tuple[str, str, dt.date]:
+    """Exchange, symbol and date of a lake file from its hive path."""
+    from urllib.parse import unquote
+
+    values = {}
+    for part in relative.split("/")[:-1]:
+        key, _, value = part.partition("=")
+        values[key] = unquote(value)
+    return values["exchange"], values["symbol"], dt.date.fromisoformat(values["date"])
+
+
+async def restore(
+    engine: AsyncEngine,
+    lake: Lake,
+    start_us: int,
+    end_us: int,
+    symbol: str | None = None,
+    *,
+    progress: ProgressFn | None = None,
+) -> RestoreResult:
+    """Bring the archived rows with ``start_us <= timestamp < end_us`` (of ``symbol`` only,
+    when given) back into ``orderbook_data``, exactly and idempotently (module docstring)."""
+    from orderbook_store.ops import partitions
+
+    if end_us <= start_us:
+        raise ConfigError(f"restore: end ({end_us}) must be after start ({start_us})")
+    say = progress or (lambda _line: None)
+    started = time.perf_counter()
+    result = RestoreResult()
+    async with engine.connect() as conn:
+        entries = await catalog.overlapping(conn, start_us, end_us)
+    if not entries:
+        say("the lake's catalog holds nothing of this range")
+        return result
+    for entry in entries:
+        if entry.lake_url != lake.url:
+            raise RestoreError(
+                f"[{entry.start_us}, {entry.end_us}) µs is archived in the lake "
+                f"{entry.lake_url!r}, not in {lake.url!r}: point LAKE_URL at that lake"
+            )
+    low = max(start_us, min(e.start_us for e in entries))
+    high = min(end_us, max(e.end_us for e in entries))
+    made = await partitions.ensure(engine, ahead=0, since=day_of(low), until=day_of(high - 1))
+    if made.created:
+        say(f"made partitions {', '.join(made.created)}")
+    for entry in entries:
+        whole = await _restore_entry(engine, lake, entry, start_us, end_us, symbol, result, say)
+        if whole and entry.dropped:
+            async with engine.begin() as conn:
+                await catalog.clear_dropped(conn, entry.start_us, entry.end_us)
+            result.ranges_back.append((entry.start_us, entry.end_us))
+            say(f"{entry.partition_name} is back in PostgreSQL whole")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def _restore_entry(
+    engine: AsyncEngine,
+    lake: Lake,
+    entry: LakeEntry,
+    start_us: int,
+    end_us: int,
+    symbol: str | None,
+    result: RestoreResult,
+    say: ProgressFn,
+) -> bool:
+    """Restore an entry's wanted files; True when that was the whole entry."""
+    low, high = max(start_us, entry.start_us), min(end_us, entry.end_us)
+    whole = (low, high) == (entry.start_us, entry.end_us)
+    for relative in entry.files:
+        exchange, file_symbol, day = _file_parts(relative)
+        day_low = (day - dt.date(1970, 1, 1)).days * DAY_US
+        if symbol is not None and file_symbol != symbol:
+            whole = False
+            continue
+        if day_low + DAY_US <= low or day_low >= high:
+            continue
+        read, added = await _restore_file(
+            engine,
+            lake,
+            relative,
+            exchange,
+            file_symbol,
+            max(low, day_low),
+            min(high, day_low + DAY_US),
+        )
+        result.rows_read += read
+        result.rows_added += added
+        result.files.append(relative)
+        say(f"restored {relative}: {added:,} of {read:,} rows added ({read - added:,} were there)")
+    return whole
+
+
+def _csv_batches(lake: Lake, relative: str, exchange: str, symbol: str, low: int, high: int) -> Any:
+    """The file's rows with ``low <= timestamp < high``, as COPY CSV, a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    options = pacsv.WriteOptions(include_header=False)
+    with lake.filesystem.open_input_file(lake.path(relative)) as handle:
+        stored = pq.ParquetFile(handle)
+        for batch in stored.iter_batches(batch_size=128 * 1024, columns=list(FILE_COLUMNS)):
+            table = pa.Table.from_batches([batch])
+            times = table.column("timestamp").cast(pa.int64())
+            table = table.filter(pc.and_(pc.greater_equal(times, low), pc.less(times, high)))
+            if not table.num_rows:
+                continue
+            columns = [
+                pa.array([exchange] * table.num_rows, pa.string()),
+                pa.array([symbol] * table.num_rows, pa.string()),
+                *(
+                    table.column(c).cast(pa.int64())
+                    if c in ("timestamp", "local_timestamp")
+                    else table.column(c)
+                    for c in FILE_COLUMNS
+                ),
+            ]
+            sink = io.BytesIO()
+            pacsv.write_csv(pa.table(columns, names=list(_CSV_COLUMNS)), sink, options)
+            yield table.num_rows, sink.getvalue()
+
+
+def _insert_sql(low: int, high: int) -> str:
+    """The pending rows the table does not hold yet (multiset rule), every column kept."""
+    return f"""
+        WITH incoming AS (
+            SELECT {_ALL}, row_number() OVER (PARTITION BY {_KEY} ORDER BY id) AS copy
+            FROM {PENDING}
+        ), stored AS (
+            SELECT {_KEY}, count(*) AS copies
+            FROM {_TABLE}
+            WHERE exchange = $1 AND symbol = $2 AND "timestamp" >= {int(low)}
+              AND "timestamp" < {int(high)}
+            GROUP BY {_KEY}
+        )
+        INSERT INTO {_TABLE} ({_ALL})
+        SELECT {", ".join(f'i."{c}"' for c in TABLE_COLUMNS)}
+        FROM incoming i LEFT JOIN stored s ON {same_quote("i", "s")}
+        WHERE i.copy > coalesce(s.copies, 0)
+        ORDER BY i."timestamp", i.id
+    """
+
+
+async def _restore_file(
+    engine: AsyncEngine,
+    lake: Lake,
+    relative: str,
+    exchange: str,
+    symbol: str,
+    low: int,
+    high: int,
+) -> tuple[int, int]:
+    """One file's rows in ``[low, high)`` restored in one transaction: (read, added)."""
+    read = 0
+    async with engine.begin() as conn:
+        raw = await raw_connection(conn)
+        await raw.execute(f"SELECT pg_advisory_xact_lock({RESTORE_LOCK_KEY})")
+        await raw.execute(f"CREATE TEMP TABLE {PENDING} (LIKE {_TABLE}) ON COMMIT DROP")
+        try:
+            for rows, data in _csv_batches(lake, relative, exchange, symbol, low, high):
+                await raw.copy_to_table(
+                    PENDING, source=memoryview(data), columns=list(_CSV_COLUMNS), format="csv"
+                )
+                read += rows
+        except (OSError, ValueError) as exc:
+            raise RestoreError(f"lake file {relative}: cannot be read ({exc})") from exc
+        if not read:
+            return 0, 0
+        await raw.execute(f"ANALYZE {PENDING}")
+        async with planned_for_bulk(raw):
+            status = await raw.execute(_insert_sql(low, high), exchange, symbol)
+    return read, int(status.rsplit(" ", 1)[-1])
