@@ -4,9 +4,9 @@ Every command reads the same ``Settings`` as the library (``DB_*``, ``.env``, ``
 A failure prints one line naming the problem and the fix and exits non-zero (``root`` and
 ``failures``; ``--debug`` adds the traceback); no secret reaches the output, and text from the
 server, files or settings is printed as text, never as markup. The commands live in
-``migrate`` (upgrade, stamp, current), ``files`` (import, verify, export), ``ops`` (doctor, roles,
-dead-letters) and ``partitions`` (the ``partitions`` group); ``common`` gives each command its
-engine and its console.
+``migrate`` (upgrade, stamp, current), ``files`` (import, verify, export), ``lake`` (archive,
+restore), ``ops`` (doctor, roles, dead-letters) and ``partitions`` (the ``partitions`` group);
+``common`` gives each command its engine and its console.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from orderbook_store.cli import files, migrate, ops, partitions
+from orderbook_store.cli import files, lake, migrate, ops, partitions
 from orderbook_store.cli.root import PROGRAM, RootGroup, package_version
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ def root(
 app.add_typer(migrate.app)
 app.add_typer(files.app)
 app.add_typer(ops.app)
+app.add_typer(lake.app)
 app.add_typer(partitions.app, name="partitions")
 
 

@@ -258,7 +258,7 @@ def prune(
     archive: Annotated[
         Path | None,
         typer.Option(
-            help="Write each partition to Parquet here first (checked, then dropped).",
+            help="Without LAKE_URL: this directory is the lake (archived, checked, then dropped).",
             file_okay=False,
         ),
     ] = None,
@@ -268,8 +268,22 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
     json_output: JsonFlag = False,
 ) -> None:
-    """Drop partitions wholly older than --older-than, archiving them to Parquet first."""
+    """Drop partitions wholly older than --older-than once the lake holds them.
+
+    With a lake (LAKE_URL, or --archive DIR without one) each partition is archived first if
+    it is not yet (see `orderbook-store archive`), checked against its archive, dropped, and
+    marked dropped in the lake's catalog: reads then take its range from the lake. Without
+    one, --yes drops the rows for good.
+    """
+    from orderbook_store.files.lake_store import open_lake
+
     age = older_than
+    lake = open_lake(Settings())
+    if lake is not None and archive is not None:
+        raise ConfigError(
+            f"--archive={str(archive)!r}: LAKE_URL is set, so prune archives to that lake; "
+            "leave out --archive (or unset LAKE_URL to archive to a directory)"
+        )
     if dry_run:
         found = run_with_engine(lambda engine: partitions.prunable(engine, age))
         if json_output:
@@ -279,23 +293,23 @@ def prune(
         for part in found:
             typer.echo(f"would drop {part.name} ({_day(part.start)} .. {_day(part.end)})")
         return
-    if archive is None and not yes:
+    if lake is None and archive is None and not yes:
         typer.echo(
-            "orderbook-store: prune without --archive deletes rows for good; "
-            "pass --archive DIR or --yes",
+            "orderbook-store: prune without a lake deletes rows for good; "
+            "set LAKE_URL, pass --archive DIR or --yes",
             err=True,
         )
         raise typer.Exit(2)
     say = (lambda line: typer.echo(line, err=True)) if json_output else typer.echo
     result = run_with_engine(
-        lambda engine: partitions.prune(engine, age, archive, confirm=yes, progress=say)
+        lambda engine: partitions.prune(engine, age, archive, lake=lake, confirm=yes, progress=say)
     )
     if json_output:
         document = {
             "dry_run": False,
             "dropped": result.dropped,
             "rows": result.rows,
-            "files": [str(path) for path in result.files],
+            "files": result.files,
         }
         typer.echo(json.dumps(document))
         return
