@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
@@ -236,8 +237,9 @@ async def _restore_file(
     """One file's rows in ``[low, high)`` restored in one transaction: (read, added)."""
     read = 0
     async with engine.begin() as conn:
+        # Through SQLAlchemy first: that begins the transaction the raw statements run in.
+        await conn.execute(text(f"SELECT pg_advisory_xact_lock({RESTORE_LOCK_KEY})"))
         raw = await raw_connection(conn)
-        await raw.execute(f"SELECT pg_advisory_xact_lock({RESTORE_LOCK_KEY})")
         await raw.execute(f"CREATE TEMP TABLE {PENDING} (LIKE {_TABLE}) ON COMMIT DROP")
         try:
             for rows, data in _csv_batches(lake, relative, exchange, symbol, low, high):

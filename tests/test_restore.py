@@ -1,0 +1,166 @@
+"""Restore: archived rows back from the lake into PostgreSQL, exactly, and never twice.
+
+Each test gets its own database and lake (``local_lake``; see ``test_archive``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import local_lake
+import pytest
+from test_archive import JAN_3, db_rows, entries, six_days
+from test_partitions import DAY_US, JAN_1_2024, engine_on, fetch, where_rows_are
+
+from orderbook_store.errors import ConfigError
+from orderbook_store.files.lake_store import Lake
+from orderbook_store.ops import archive, partitions
+from orderbook_store.ops.restore import restore
+
+from catalog import execute
+
+#: The lake each test runs against (a fixture over [directory, S3 server] replaces this one).
+lake = local_lake.lake
+
+MakeDb = Callable[[], str]
+JAN_2 = JAN_1_2024 + DAY_US
+TWO_DAYS = (JAN_1_2024, JAN_1_2024 + 2 * DAY_US)
+
+
+async def pruned_two_days(
+    make_database: MakeDb, lake: Lake
+) -> tuple[str, list[tuple[object, ...]]]:
+    """Six days of quotes, the first two archived and pruned; returns the URL and their rows."""
+    url = await six_days(make_database)
+    before = await db_rows(url, *TWO_DAYS)
+    async with engine_on(url) as engine:
+        pruned = await partitions.prune(engine, JAN_3, lake=lake)
+    assert pruned.rows == len(before) == 2_000
+    assert await db_rows(url, *TWO_DAYS) == []
+    return url, before
+
+
+async def test_restore_is_exact_and_a_second_restore_adds_nothing(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url, before = await pruned_two_days(make_database, lake)
+    lines: list[str] = []
+    async with engine_on(url) as engine:
+        result = await restore(engine, lake, *TWO_DAYS, progress=lines.append)
+        assert (result.rows_read, result.rows_added) == (2_000, 2_000)
+        assert len(result.files) == 8
+        assert result.ranges_back == [(JAN_1_2024, JAN_2), (JAN_2, JAN_1_2024 + 2 * DAY_US)]
+        # every column as it was: ids and created_at too
+        assert await db_rows(url, *TWO_DAYS) == before
+        # into partitions of their own days, not the default one
+        where = await where_rows_are(url)
+        assert where["orderbook_data_p20240101"] == where["orderbook_data_p20240102"] == 1_000
+        assert "orderbook_data_default" not in where
+        assert all(e.dropped_at is None for e in await entries(url))
+
+        again = await restore(engine, lake, *TWO_DAYS)
+        assert (again.rows_read, again.rows_added, again.rows_skipped) == (2_000, 0, 2_000)
+    assert await db_rows(url, *TWO_DAYS) == before
+    assert sum(line.startswith("restored exchange=") for line in lines) == 8
+    # the sequence goes on past every restored id
+    await execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+        f"VALUES ('BTCUSDT', {JAN_1_2024 + 1}, {JAN_1_2024 + 2})",
+    )
+    newest = await fetch(url, f"SELECT max(id) FROM orderbook_data WHERE timestamp < {JAN_2}")
+    assert newest[0][0] > max(int(row[0]) for row in before)  # type: ignore[call-overload]
+
+
+async def test_restore_of_one_symbol_then_of_the_rest(make_database: MakeDb, lake: Lake) -> None:
+    url, before = await pruned_two_days(make_database, lake)
+    btc = [row for row in before if row[2] == "BTCUSDT"]
+    async with engine_on(url) as engine:
+        one = await restore(engine, lake, *TWO_DAYS, symbol="BTCUSDT")
+        assert one.rows_added == len(btc) == 500
+        assert await db_rows(url, *TWO_DAYS) == btc
+        # the range is not back whole: reads still take it from the lake
+        assert all(e.dropped_at is not None for e in await entries(url))
+        rest = await restore(engine, lake, *TWO_DAYS)
+    assert (rest.rows_read, rest.rows_added) == (2_000, 1_500)
+    assert await db_rows(url, *TWO_DAYS) == before
+    assert all(e.dropped_at is None for e in await entries(url))
+
+
+async def test_restore_of_part_of_a_day(make_database: MakeDb, lake: Lake) -> None:
+    url, before = await pruned_two_days(make_database, lake)
+    hours = (JAN_1_2024 + 6 * 3_600_000_000, JAN_1_2024 + 30 * 3_600_000_000)  # Jan 1 6h-Jan 2 6h
+    wanted = [row for row in before if hours[0] <= row[3] < hours[1]]  # type: ignore[operator]
+    async with engine_on(url) as engine:
+        result = await restore(engine, lake, *hours)
+    assert result.rows_added == len(wanted) == 1_000
+    assert await db_rows(url, *TWO_DAYS) == wanted
+    assert result.ranges_back == []
+    assert all(e.dropped_at is not None for e in await entries(url))
+
+
+async def test_copies_of_one_quote_come_back_as_many_times_as_archived(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url = await six_days(make_database, 600)
+    # the same quote three times (a feed does repeat one); NULLs in it
+    await execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp, ask_price) "
+        f"SELECT 'BTCUSDT', {JAN_1_2024 + 42}, {JAN_1_2024 + 43}, 7.5 FROM generate_series(1, 3)",
+    )
+    before = await db_rows(url, *TWO_DAYS)
+    async with engine_on(url) as engine:
+        await partitions.prune(engine, JAN_3, lake=lake)
+        # one copy came back some other way (an import of an export, say): two more to add
+        await partitions.ensure(
+            engine, ahead=0, since=dt.date(2024, 1, 1), until=dt.date(2024, 1, 1)
+        )
+        await execute(
+            url,
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp, ask_price) "
+            f"VALUES ('BTCUSDT', {JAN_1_2024 + 42}, {JAN_1_2024 + 43}, 7.50)",
+        )
+        result = await restore(engine, lake, *TWO_DAYS)
+    assert result.rows_added == len(before) - 1
+    rows = await fetch(
+        url,
+        f"SELECT count(*) FROM orderbook_data WHERE timestamp = {JAN_1_2024 + 42}",
+    )
+    assert rows[0][0] == 3
+    assert len(await db_rows(url, *TWO_DAYS)) == len(before)
+
+
+async def test_late_rows_of_a_dropped_range_stay_beside_the_restored_ones(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url, before = await pruned_two_days(make_database, lake)
+    # a late quote for Jan 1 after the prune: into the default partition
+    await execute(
+        url,
+        "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+        f"VALUES ('BTCUSDT', {JAN_1_2024 + 5}, {JAN_1_2024 + 6})",
+    )
+    assert (await where_rows_are(url)).get("orderbook_data_default") == 1
+    async with engine_on(url) as engine:
+        result = await restore(engine, lake, *TWO_DAYS)
+    assert result.rows_added == 2_000
+    rows = await db_rows(url, *TWO_DAYS)
+    assert len(rows) == 2_001 and set(before) <= set(rows)
+    assert "orderbook_data_default" not in await where_rows_are(url)
+
+
+async def test_restore_of_a_range_never_archived_does_nothing(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url = await six_days(make_database, 600)
+    async with engine_on(url) as engine:
+        result = await restore(engine, lake, *TWO_DAYS)
+        assert (result.rows_read, result.rows_added) == (0, 0)
+        with pytest.raises(ConfigError, match="end"):
+            await restore(engine, lake, JAN_2, JAN_1_2024)
+        await archive.archive(engine, lake, JAN_3)
+        # archived, not pruned: every row is there already
+        again = await restore(engine, lake, *TWO_DAYS)
+    assert (again.rows_read, again.rows_added) == (200, 0)
