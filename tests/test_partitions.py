@@ -16,14 +16,16 @@ from pathlib import Path
 
 import asyncpg
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from orderbook_store.cli.partitions import app as partitions_app
 from orderbook_store.engine import create_engine
-from orderbook_store.ops import migrations, partitions
+from orderbook_store.files import lake_format
+from orderbook_store.ops import lake_catalog, migrations, partitions
+from orderbook_store.ops.archive import ArchiveError, archive, directory_lake
 from orderbook_store.read.reader import Reader
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
@@ -598,15 +600,26 @@ async def test_prune_with_archive_keeps_exactly_the_pruned_rows_in_parquet(
     assert sorted(result.dropped) == ["orderbook_data_p20240101", "orderbook_data_p20240102"]
     assert result.rows == len(pruned) == 2_000
     assert not names & set(result.dropped)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in result.files) == [
-        "period_start=2024-01-01/orderbook_data_p20240101.parquet",
-        "period_start=2024-01-02/orderbook_data_p20240102.parquet",
-    ]
-    table = pa.concat_tables(pq.read_table(path) for path in result.files).sort_by("id")
+    files = sorted(Path(p).relative_to(tmp_path).as_posix() for p in result.files)
+    assert len(files) == 8  # four symbols, two days
+    assert files[0] == (
+        f"exchange=binance-futures/symbol=BNBUSDT/date=2024-01-01/"
+        f"part-{JAN_1_2024}-{JAN_1_2024 + DAY_US}.parquet"
+    )
+    dataset = ds.dataset(
+        tmp_path, format="parquet", partitioning=lake_format.partitioning()
+    ).to_table()
+    table = dataset.sort_by("id")
+    for name in ("timestamp", "local_timestamp"):
+        at = table.schema.get_field_index(name)
+        table = table.set_column(at, name, table.column(name).cast(pa.int64()))
     assert table.num_rows == len(pruned)
-    assert [tuple(row.values()) for row in table.to_pylist()] == [tuple(r) for r in pruned]
+    columns = list(pruned[0].keys())
+    assert [tuple(row[c] for c in columns) for row in table.to_pylist()] == [
+        tuple(r) for r in pruned
+    ]
     assert table.schema.field("ask_price").type == pa.decimal128(20, 8)
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
     # the rest is untouched
     assert (
         await fetch(
@@ -693,17 +706,32 @@ async def test_a_failed_archive_puts_the_partition_back(
     async with engine_on(url) as engine:
         await partitions.ensure(engine, ahead=2, today=dt.date(2024, 1, 1))
         await fill(url, 3_000, span=3 * DAY_US)
+        where = {f"orderbook_data_p2024010{day}": 1_000 for day in (1, 2, 3)}
         before = await checksum(url)
         not_a_directory = tmp_path / "file"
         not_a_directory.write_text("in the way")
-        with pytest.raises(partitions.PartitionError, match="attached again"):
+        with pytest.raises(ArchiveError, match="cannot create"):
             await partitions.prune(engine, dt.date(2024, 1, 2), archive_dir=not_a_directory)
         assert await checksum(url) == before
-        assert await where_rows_are(url) == {
-            "orderbook_data_p20240101": 1_000,
-            "orderbook_data_p20240102": 1_000,
-            "orderbook_data_p20240103": 1_000,
-        }
+        assert await where_rows_are(url) == where
+
+        # archived; then a late quote of a new symbol, whose directory cannot be made
+        lake = tmp_path / "lake"
+        await archive(engine, directory_lake(lake), dt.date(2024, 1, 2))
+        await execute(
+            url,
+            "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
+            f"VALUES ('XRPUSDT', {JAN_1_2024 + 1}, {JAN_1_2024 + 2})",
+        )
+        (lake / "exchange=binance-futures" / "symbol=XRPUSDT").write_text("in the way")
+        before = await checksum(url)
+        with pytest.raises(partitions.PartitionError, match="attached again"):
+            await partitions.prune(engine, dt.date(2024, 1, 2), archive_dir=lake)
+        assert await checksum(url) == before
+        assert await where_rows_are(url) == where | {"orderbook_data_p20240101": 1_001}
+        async with engine.connect() as conn:
+            (entry,) = await lake_catalog.overlapping(conn, 0, 2**62)
+        assert entry.dropped_at is None and entry.rows == 1_000
 
 
 def test_period_from_the_alembic_command_line(make_database: MakeDb) -> None:

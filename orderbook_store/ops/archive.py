@@ -65,6 +65,7 @@ __all__ = [
     "archive_partition",
     "directory_lake",
     "file_groups",
+    "missing_files",
 ]
 
 ProgressFn = Callable[[str], None]
@@ -390,6 +391,16 @@ def _parse(data: bytes) -> Any:
     return pacsv.read_csv(
         io.BytesIO(data), read_options=_PARSE["read"], convert_options=_PARSE["convert"]
     )
+
+
+def missing_files(lake: Lake, files: list[str]) -> list[str]:
+    """Those of ``files`` (relative to the lake's root) the lake does not hold."""
+    from pyarrow import fs
+
+    if not files:
+        return []
+    infos = lake.filesystem.get_file_info([lake.path(f) for f in files])
+    return [f for f, info in zip(files, infos, strict=True) if info.type != fs.FileType.File]
 
 
 def read_file_totals(lake: Lake, relative: str) -> tuple[Totals, int, bytes | None]:

@@ -600,8 +600,9 @@ async def prune(
 async def _reverify(
     engine: AsyncEngine, lake: Lake, part: PartitionInfo, say: Callable[[str], None]
 ) -> list[str]:
-    """The detached partition checked against its catalog entry (rows and checksum); archived
-    again when rows arrived after its archive. Returns the entry's files."""
+    """The detached partition checked against its catalog entry (rows and checksum) and the
+    entry's files against the lake (all there); archived again when rows arrived after its
+    archive or a file went missing. Returns the entry's files."""
     from orderbook_store.files.lake_checksum import Totals, totals_sql
     from orderbook_store.ops import archive
 
@@ -611,11 +612,15 @@ async def _reverify(
         row = (await conn.execute(text(totals_sql(f'"{part.name}"')))).one()
     now = Totals.from_row(row)
     if entry is not None and (entry.rows, entry.checksum) == (now.rows, now.digest()):
-        return entry.files
-    say(
-        f"{part.name} holds {now.rows:,} rows, its archive "
-        f"{'none' if entry is None else f'{entry.rows:,}'}: archiving it again"
-    )
+        missing = archive.missing_files(lake, entry.files)
+        if not missing:
+            return entry.files
+        say(f"{part.name}: {len(missing)} of its lake files are gone: archiving it again")
+    else:
+        say(
+            f"{part.name} holds {now.rows:,} rows, its archive "
+            f"{'none' if entry is None else f'{entry.rows:,}'}: archiving it again"
+        )
     done = await archive.archive_partition(
         engine, lake, part.name, part.start_us, part.end_us, say, replace=True
     )
