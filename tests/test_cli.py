@@ -270,6 +270,9 @@ def test_upgrade_never_goes_back_and_reports_json(empty: str, tmp_path: Path) ->
         (["partitions", "compact", "--lock-timeout", "0"], "--lock-timeout", ""),
         (["partitions", "prune", "--older-than", "5x"], "--older-than", "5x"),
         (["partitions", "prune", "--older-than", "99999999999d"], "--older-than", "99999999999d"),
+        (["archive", "--older-than", "5x"], "--older-than", "5x"),
+        (["restore", "--start", "soon", "--end", "2024-01-02"], "--start", "soon"),
+        (["restore", "--start", "2024-01-02", "--end", "2024-01-01"], "--end", "2024-01-01"),
         (["export", "--start", "yesterday"], "--start", "yesterday"),
         (["export", "--end", "2024-13-01"], "--end", "2024-13-01"),
         (["export", "--end", "99999999999999999999"], "--end", "99999999999999999999"),
@@ -417,6 +420,62 @@ def test_partitions_ensure_since_creates_a_backfill_s_days(migrated: str, tmp_pa
     assert "partitions dropped" in ok(cli("partitions", "prune", "--older-than", "7d", "--yes"))
 
 
+def test_archive_prune_and_restore_with_a_lake(migrated: str, tmp_path: Path) -> None:
+    cli = on(migrated, tmp_path)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    old = today - dt.timedelta(days=20)
+    recent = today - dt.timedelta(days=3)
+    ok(cli("partitions", "ensure", "--since", old.isoformat(), "--period", "day"))
+    for day, rows in ((old, 500), (recent, 10)):
+        start_us = int(dt.datetime.combine(day, dt.time(), dt.timezone.utc).timestamp()) * 10**6
+        asyncio.run(
+            admin_execute(
+                migrated,
+                "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp, ask_price) "
+                f"SELECT 'BTCUSDT', {start_us} + g, {start_us} + g, 1.5 "
+                f"FROM generate_series(1, {rows}) g",
+            )
+        )
+    first = f"orderbook_data_p{old:%Y%m%d}"
+    lake = {"LAKE_URL": str(tmp_path / "lake")}
+
+    unset = cli("archive", "--older-than", "15d")
+    assert unset.returncode != 0 and "LAKE_URL" in one_line(unset)
+    archived = cli("archive", "--older-than", "15d", "--json", **lake)
+    document = json.loads(ok(archived))
+    assert document["rows"] == 500 and first in [a["name"] for a in document["archived"]]
+    assert f"archived {first}: 500 rows, 1 files" in archived.stderr
+    again = ok(cli("archive", "--older-than", "15d", **lake))
+    assert f"{first} is archived already (500 rows)" in again
+    assert "0 partitions archived" in again and "5 archived already" in again
+
+    both = cli("partitions", "prune", "--older-than", "15d", "--archive", "x", **lake)
+    assert both.returncode != 0 and "LAKE_URL" in one_line(both)
+    pruned = ok(cli("partitions", "prune", "--older-than", "15d", **lake))
+    assert f"dropped {first} (500 rows)" in pruned and "partitions dropped, 500 rows" in pruned
+
+    span = ["--start", old.isoformat(), "--end", (old + dt.timedelta(days=1)).isoformat()]
+    restored = json.loads(ok(cli("restore", *span, "--json", **lake)))
+    assert (restored["rows_read"], restored["rows_added"]) == (500, 500)
+    second = ok(cli("restore", *span, "--symbol", "BTCUSDT", **lake))
+    assert "restored 0 rows from 1 files (500 were stored already)" in second
+
+    # the lake's secret key never shows, even when the store cannot be reached
+    secret = "Lake-Secret-" + secrets.token_hex(8)
+    s3 = {
+        "LAKE_URL": "s3://quotes/archive",
+        "LAKE_ENDPOINT_URL": "http://127.0.0.1:1",
+        "LAKE_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "LAKE_SECRET_ACCESS_KEY": secret,
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    failed = cli("archive", "--older-than", "1d", **s3)
+    assert failed.returncode != 0
+    assert f"orderbook_data_p{recent:%Y%m%d}" in failed.stdout + failed.stderr
+    for result in (failed, cli("--debug", "archive", "--older-than", "1d", "--json", **s3)):
+        assert secret not in result.stdout + result.stderr
+
+
 def test_doctor_roles_and_dead_letters(migrated: str, tmp_path: Path) -> None:
     cli = on(migrated, tmp_path)
     report = json.loads(ok(cli("doctor", "--json")))
@@ -454,6 +513,8 @@ def test_every_command_and_option_is_known_to_these_tests() -> None:
         "partitions list": {"--json"},
         "partitions compact": {"--period", "--lock-timeout", "--dry-run", "--json"},
         "partitions prune": {"--older-than", "--archive", "--yes", "--dry-run", "--json"},
+        "archive": {"--older-than", "--json"},
+        "restore": {"--start", "--end", "--symbol", "--json"},
     }
     found: dict[str, set[str]] = {}
 

@@ -206,8 +206,9 @@ async def archive_partition(
     replace: bool = False,
 ) -> ArchivedPartition | None:
     """Archive table ``name`` (a partition of ``[start_us, end_us)``, attached or detached)
-    and record it; ``None`` when the range is recorded already. ``replace=True`` archives it
-    again and rewrites the entry (rows that arrived after the first archive)."""
+    and record it; ``None`` when the range is recorded already (in this lake or another).
+    ``replace=True`` archives it again into ``lake`` and rewrites the entry (rows that
+    arrived after the first archive)."""
     say = progress or (lambda _line: None)
     started = time.perf_counter()
     async with engine.connect() as lock_conn, lock_conn.begin():
@@ -218,9 +219,16 @@ async def archive_partition(
         # READ COMMITTED: this statement sees an entry committed while we waited.
         existing = await _check_catalog(lock_conn, lake, name, start_us, end_us)
         if existing is not None and not replace:
-            say(f"{name} is archived already ({existing.rows:,} rows)")
+            where = "" if existing.lake_url == lake.url else f" in {existing.lake_url}"
+            say(f"{name} is archived already{where} ({existing.rows:,} rows)")
             return None
-        totals, paths, size = await _write_and_verify(engine, lake, name, start_us, end_us)
+        try:
+            totals, paths, size = await _write_and_verify(engine, lake, name, start_us, end_us)
+        except OSError as exc:  # the lake's filesystem: unreachable, refused, full
+            raise ArchiveError(
+                f"archiving {name} to {lake.url} failed ({exc}); nothing was recorded, "
+                "run archive again once the lake is reachable"
+            ) from exc
         entry = LakeEntry(
             partition_name=name,
             start_us=start_us,
@@ -256,7 +264,7 @@ async def archive_partition(
 async def _check_catalog(
     conn: AsyncConnection, lake: Lake, name: str, start_us: int, end_us: int
 ) -> LakeEntry | None:
-    """The range's entry, if any; ``ArchiveError`` for an entry in another lake or an entry
+    """The range's entry, if any (in this lake or another); ``ArchiveError`` for an entry
     overlapping the range without being it (its files would overlap this one's)."""
     for entry in await catalog.overlapping(conn, start_us, end_us):
         if (entry.start_us, entry.end_us) != (start_us, end_us):
@@ -264,11 +272,6 @@ async def _check_catalog(
                 f"{name} covers [{start_us}, {end_us}) µs, which overlaps the archived range "
                 f"[{entry.start_us}, {entry.end_us}) of {entry.partition_name}; restore that "
                 "range with the partitions it had, or archive it by hand"
-            )
-        if entry.lake_url != lake.url:
-            raise ArchiveError(
-                f"{name} is archived in the lake {entry.lake_url!r}, not in {lake.url!r} "
-                "(LAKE_URL): point LAKE_URL at that lake"
             )
         return entry
     return None

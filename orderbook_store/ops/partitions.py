@@ -552,6 +552,7 @@ async def prune(
             await archive.archive_partition(
                 engine, lake, part.name, part.start_us, part.end_us, say
             )
+            await _check_lake(engine, lake, part)
         async with engine.begin() as conn:
             await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
             still_attached = (
@@ -595,6 +596,18 @@ async def prune(
         if result.forgotten:
             say(f"no longer stored: {', '.join(result.forgotten)}")
     return result
+
+
+async def _check_lake(engine: AsyncEngine, lake: Lake, part: PartitionInfo) -> None:
+    """``PartitionError`` unless ``part``'s range is archived in ``lake`` (not another one)."""
+    assert part.start_us is not None and part.end_us is not None
+    async with engine.connect() as conn:
+        entry = await lake_catalog.entry_for(conn, part.start_us, part.end_us)
+    if entry is not None and entry.lake_url != lake.url:
+        raise PartitionError(
+            f"{part.name} is archived in the lake {entry.lake_url!r}, not in {lake.url!r}: "
+            "point LAKE_URL at that lake to prune it; nothing was dropped"
+        )
 
 
 async def _reverify(
