@@ -230,6 +230,34 @@ async def test_rows_written_into_an_archived_partition_before_prune_are_not_lost
     assert first.rows == 1_002 and "XRPUSDT" in first.symbols and first.dropped_at
 
 
+async def test_prune_finishes_what_an_interrupted_prune_left_detached(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url = await six_days(make_database)
+    before = await db_rows(url, 0, JAN_1_2024 + DAY_US)
+    async with engine_on(url) as engine:
+        await archive.archive(engine, lake, dt.date(2024, 1, 2))
+    # what a prune killed between its detach and its drop leaves (and a late row in it)
+    await execute(
+        url,
+        "BEGIN; ALTER TABLE orderbook_data DETACH PARTITION orderbook_data_p20240101; "
+        "UPDATE orderbook_lake_ranges SET dropped_at = now(); "
+        "INSERT INTO orderbook_data_p20240101 (id, symbol, timestamp, local_timestamp) "
+        f"VALUES (-1, 'BTCUSDT', {JAN_1_2024 + 1}, {JAN_1_2024 + 2}); COMMIT",
+    )
+    late = (-1, "binance-futures", "BTCUSDT", JAN_1_2024 + 1, JAN_1_2024 + 2)
+    lines: list[str] = []
+    async with engine_on(url) as engine:
+        pruned = await partitions.prune(
+            engine, dt.date(2024, 1, 2), lake=lake, progress=lines.append
+        )
+    assert pruned.dropped == ["orderbook_data_p20240101"] and pruned.rows == 1_001
+    assert any(line.startswith("finishing the prune of orderbook_data_p20240101") for line in lines)
+    assert [row[:5] for row in lake_rows(lake)] == [late] + [row[:5] for row in before]
+    tables = await fetch(url, "SELECT to_regclass('orderbook_data_p20240101') IS NULL")
+    assert tables[0][0] is True
+
+
 async def test_prune_refuses_a_range_archived_in_another_lake(
     make_database: MakeDb, lake: Lake, tmp_path: Path
 ) -> None:

@@ -546,6 +546,8 @@ async def prune(
         )
     say = progress or (lambda _line: None)
     result = PruneResult()
+    if lake is not None:
+        await _finish_interrupted(engine, lake, result, say)
     for part in await prunable(engine, older_than, now=now):
         assert part.start_us is not None and part.end_us is not None
         if lake is not None:
@@ -596,6 +598,40 @@ async def prune(
         if result.forgotten:
             say(f"no longer stored: {', '.join(result.forgotten)}")
     return result
+
+
+#: Partitions an interrupted prune left detached: marked dropped, the table still there.
+_INTERRUPTED_SQL = f"""
+SELECT e.partition_name, e.start_us, e.end_us
+FROM {lake_catalog.CATALOG} e
+JOIN pg_class c ON c.relname = e.partition_name
+    AND c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+WHERE e.dropped_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
+ORDER BY e.start_us
+"""
+
+
+async def _finish_interrupted(
+    engine: AsyncEngine, lake: Lake, result: PruneResult, say: Callable[[str], None]
+) -> None:
+    """Finish what a killed prune left: a partition detached and marked dropped, not dropped.
+
+    Its rows are checked against the lake once more (archived again if they differ), then it
+    is dropped, as the killed run would have done."""
+    async with engine.connect() as conn:
+        found = (await conn.execute(text(_INTERRUPTED_SQL))).all()
+    for name, start_us, end_us in found:
+        part = PartitionInfo(str(name), int(start_us), int(end_us), None, 0)
+        await _check_lake(engine, lake, part)
+        say(f"finishing the prune of {part.name} ({_day_text(part)}), left detached")
+        rows = await _count(engine, part.name)
+        files = await _reverify(engine, lake, part, say)
+        result.files.extend(lake.path(relative) for relative in files)
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP TABLE "{part.name}"'))
+        say(f"dropped {part.name} ({rows:,} rows)")
+        result.dropped.append(part.name)
+        result.rows += rows
 
 
 async def _check_lake(engine: AsyncEngine, lake: Lake, part: PartitionInfo) -> None:
