@@ -63,14 +63,18 @@ async def test_restore_is_exact_and_a_second_restore_adds_nothing(
         assert (again.rows_read, again.rows_added, again.rows_skipped) == (2_000, 0, 2_000)
     assert await db_rows(url, *TWO_DAYS) == before
     assert sum(line.startswith("restored exchange=") for line in lines) == 8
-    # the sequence goes on past every restored id
+    # the sequence goes on past every restored id, even when it was reset
+    await execute(url, "ALTER SEQUENCE orderbook_data_id_seq RESTART WITH 1")
+    async with engine_on(url) as engine:
+        await execute(url, f"DELETE FROM orderbook_data WHERE timestamp < {JAN_2}")
+        assert (await restore(engine, lake, *TWO_DAYS)).rows_added == 1_000
     await execute(
         url,
         "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp) "
         f"VALUES ('BTCUSDT', {JAN_1_2024 + 1}, {JAN_1_2024 + 2})",
     )
     newest = await fetch(url, f"SELECT max(id) FROM orderbook_data WHERE timestamp < {JAN_2}")
-    assert newest[0][0] > max(int(row[0]) for row in before)  # type: ignore[call-overload]
+    assert newest[0][0] == max(int(row[0]) for row in before) + 1  # type: ignore[call-overload]
 
 
 async def test_restore_of_one_symbol_then_of_the_rest(make_database: MakeDb, lake: Lake) -> None:

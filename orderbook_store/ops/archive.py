@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -67,6 +67,9 @@ __all__ = [
     "file_groups",
     "missing_files",
 ]
+
+if TYPE_CHECKING:
+    from orderbook_store.ops.partitions import PartitionInfo
 
 ProgressFn = Callable[[str], None]
 
@@ -156,7 +159,7 @@ async def archivable(
     older_than: dt.timedelta | dt.datetime | dt.date,
     *,
     now: dt.datetime | None = None,
-) -> list[Any]:
+) -> list[PartitionInfo]:
     """Closed partitions older than the cutoff with no catalog entry (what ``archive`` does)."""
     from orderbook_store.ops import partitions
 
@@ -206,7 +209,8 @@ async def archive_partition(
     replace: bool = False,
 ) -> ArchivedPartition | None:
     """Archive table ``name`` (a partition of ``[start_us, end_us)``, attached or detached)
-    and record it; ``None`` when the range is recorded already (in this lake or another).
+    and record it; ``None`` when the range is recorded already (in this lake or another), or
+    the table was dropped meanwhile (``prune --yes``).
     ``replace=True`` archives it again into ``lake`` and rewrites the entry (rows that
     arrived after the first archive)."""
     say = progress or (lambda _line: None)
@@ -221,6 +225,10 @@ async def archive_partition(
         if existing is not None and not replace:
             where = "" if existing.lake_url == lake.url else f" in {existing.lake_url}"
             say(f"{name} is archived already{where} ({existing.rows:,} rows)")
+            return None
+        gone = await lock_conn.execute(text("SELECT to_regclass(:t) IS NULL"), {"t": f'"{name}"'})
+        if gone.scalar():
+            say(f"{name} is gone (dropped meanwhile, without an archive): nothing to archive")
             return None
         try:
             totals, paths, size = await _write_and_verify(engine, lake, name, start_us, end_us)

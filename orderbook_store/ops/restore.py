@@ -7,7 +7,7 @@ then brings back each listed file of a wanted symbol, one transaction per file:
 
 * the file's rows in the range go, every column as archived (the original ``id`` and
   ``created_at`` too: ids come from the table's one sequence, which never hands out an
-  archived row's id again), into a temporary table;
+  archived row's id again; were it reset, it is moved past them), into a temporary table;
 * one ``INSERT ... SELECT`` through the parent table stores those the table does not hold
   already, by the importers' rule (``files.importers.dedupe``: the same quote is equal
   exchange, symbol, timestamp, local_timestamp and four values; a quote the file holds ``n``
@@ -204,6 +204,17 @@ def _csv_batches(lake: Lake, relative: str, exchange: str, symbol: str, low: int
             yield table.num_rows, sink.getvalue()
 
 
+#: The id sequence moved past the restored ids if it is not already (it always is, unless it
+#: was reset): a new quote never gets the id of a restored one.
+_SEQUENCE_PAST_SQL: Final = f"""
+SELECT setval(s.seq, m.top)
+FROM (SELECT pg_get_serial_sequence('{_TABLE}', 'id')::regclass AS seq) s,
+     (SELECT max(id) AS top FROM {PENDING}) m
+WHERE m.top > (SELECT coalesce(last_value, 0) FROM pg_sequences
+               WHERE format('%I.%I', schemaname, sequencename)::regclass = s.seq)
+"""
+
+
 def _insert_sql(low: int, high: int) -> str:
     """The pending rows the table does not hold yet (multiset rule), every column kept."""
     return f"""
@@ -254,4 +265,5 @@ async def _restore_file(
         await raw.execute(f"ANALYZE {PENDING}")
         async with planned_for_bulk(raw):
             status = await raw.execute(_insert_sql(low, high), exchange, symbol)
+        await raw.execute(_SEQUENCE_PAST_SQL)
     return read, int(status.rsplit(" ", 1)[-1])
