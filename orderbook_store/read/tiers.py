@@ -1,0 +1,184 @@
+"""Which parts of a read are in the lake: the catalog's dropped ranges, and their files.
+
+``prune`` drops a partition only once ``archive`` copied it to the lake and recorded the range
+in ``orderbook_lake_ranges``; it then stamps ``dropped_at``. A read asks that catalog, in its
+own snapshot, for the dropped ranges overlapping it (one small query; on a database below
+revision 0007, which has no catalog, one ``to_regclass`` instead) and takes those ranges from
+the lake's files, PostgreSQL for everything else. Rows written later for a dropped range land
+in the default partition, so a lake range can hold rows in both tiers: readers merge them.
+
+The catalog names every file of a range (paths relative to the lake's root, in the lake
+format's layout), so a read opens exactly the files of its symbols and dates: the bucket is
+never listed.
+
+The parent table is locked ``ACCESS SHARE`` *before* the catalog is read (``LOCK`` takes no
+snapshot): a ``prune`` that detaches and drops a partition either committed before the read's
+snapshot (the catalog then says so) or waits for the read to end. Without the lock, a prune
+committing between the catalog query and the read's COPY would drop rows from the answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+from orderbook_store.errors import ConfigError
+from orderbook_store.models import LakeRange, OrderbookData
+from orderbook_store.times import from_us
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from orderbook_store.files.lake_store import Lake
+
+__all__ = ["LakeCatalog", "LakeFileRef", "LakeRangeEntry", "lake_windows", "require_lake"]
+
+CATALOG = LakeRange.__tablename__
+LOCK_SQL = f"LOCK TABLE {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
+_PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
+#: Dropped ranges overlapping ``[$1, $2)``, holding one of ``$3`` (every symbol when NULL).
+_DROPPED_SQL = (
+    f"SELECT start_us, end_us, symbols, files, lake_url FROM {CATALOG}"
+    " WHERE dropped_at IS NOT NULL AND start_us < $2::bigint AND end_us > $1::bigint"
+    " AND ($3::text[] IS NULL OR symbols::text[] && $3::text[])"
+    " ORDER BY start_us"
+)
+_NO_LOWER = -(2**63)
+_NO_UPPER = 2**63 - 1
+
+_FILE_RE = re.compile(
+    r"(?:^|/)exchange=([^/]*)/symbol=([^/]*)/date=(\d{4}-\d{2}-\d{2})"
+    r"/part-(-?\d+)-(-?\d+)\.parquet$"
+)
+
+
+@dataclass(frozen=True)
+class LakeFileRef:
+    """One lake file, as its path describes it: whose rows, which ``[low_us, high_us)``."""
+
+    path: str  # relative to the lake's root
+    exchange: str
+    symbol: str
+    day: dt.date
+    low_us: int
+    high_us: int
+
+    @classmethod
+    def parse(cls, path: str) -> LakeFileRef:
+        found = _FILE_RE.search(path)
+        if found is None:
+            raise RuntimeError(f"{CATALOG} names a file outside the lake layout: {path!r}")
+        exchange, symbol, day, low, high = found.groups()
+        return cls(
+            path,
+            unquote(exchange),
+            unquote(symbol),
+            dt.date.fromisoformat(day),
+            int(low),
+            int(high),
+        )
+
+
+@dataclass(frozen=True)
+class LakeRangeEntry:
+    """One dropped range of the catalog: ``[start_us, end_us)`` and its files."""
+
+    start_us: int
+    end_us: int
+    symbols: frozenset[str]
+    files: tuple[LakeFileRef, ...]
+    lake_url: str
+
+    def files_of(
+        self, symbol: str, exchange: str | None, start_us: int, end_us: int
+    ) -> list[LakeFileRef]:
+        """The files of ``symbol`` (of ``exchange``, or any) overlapping ``[start_us, end_us)``."""
+        return [
+            f
+            for f in self.files
+            if f.symbol == symbol
+            and (exchange is None or f.exchange == exchange)
+            and f.low_us < end_us
+            and f.high_us > start_us
+        ]
+
+
+class LakeCatalog:
+    """Reads the catalog inside a read's transaction; remembers only that the table exists
+    (a database is upgraded past 0007 while readers run, never back below it in their
+    lifetime; while absent, every read asks again)."""
+
+    def __init__(self) -> None:
+        self.present = False
+
+    async def dropped(
+        self,
+        raw: asyncpg.Connection,
+        start_us: int | None = None,
+        end_us: int | None = None,
+        symbols: Sequence[str] | None = None,
+        *,
+        locked: bool = False,
+    ) -> list[LakeRangeEntry]:
+        """The dropped ranges overlapping ``[start_us, end_us)`` (all when ``None``) that hold
+        one of ``symbols`` (any when ``None``), oldest first. Locks the parent table first
+        unless the caller already did (see the module doc); must be the read's first query."""
+        if not locked:
+            await raw.execute(LOCK_SQL)
+        if not self.present:
+            if not await raw.fetchval(_PRESENT_SQL):
+                return []
+            self.present = True
+        rows = await raw.fetch(
+            _DROPPED_SQL,
+            _NO_LOWER if start_us is None else start_us,
+            _NO_UPPER if end_us is None else end_us,
+            None if symbols is None else list(symbols),
+        )
+        return [
+            LakeRangeEntry(
+                int(r["start_us"]),
+                int(r["end_us"]),
+                frozenset(r["symbols"]),
+                tuple(LakeFileRef.parse(p) for p in r["files"]),
+                str(r["lake_url"]),
+            )
+            for r in rows
+        ]
+
+
+def require_lake(lake: Lake | None, entries: Iterable[LakeRangeEntry]) -> Lake | None:
+    """``lake``, or ``ConfigError`` when ``entries`` say rows are in a lake and none is set."""
+    entries = list(entries)
+    if lake is not None or not entries:
+        return lake
+    first, last = entries[0], entries[-1]
+    raise ConfigError(
+        f"quotes from {from_us(first.start_us).isoformat()} to {from_us(last.end_us).isoformat()}"
+        f" are in the lake ({first.lake_url}; {CATALOG}: {len(entries)} dropped range(s)), but"
+        " LAKE_URL is not set: set LAKE_URL to that lake to read them (or run"
+        " `orderbook-store restore` for the range)"
+    )
+
+
+def lake_windows(
+    entries: Iterable[LakeRangeEntry], symbol: str, start_us: int, end_us: int
+) -> list[tuple[int, int, list[LakeRangeEntry]]]:
+    """The parts of ``[start_us, end_us)`` that ``symbol`` has in the lake, in time order:
+    ``(low, high, entries)`` with adjacent ranges joined."""
+    out: list[tuple[int, int, list[LakeRangeEntry]]] = []
+    for entry in sorted(entries, key=lambda e: e.start_us):
+        if symbol not in entry.symbols:
+            continue
+        low, high = max(start_us, entry.start_us), min(end_us, entry.end_us)
+        if low >= high:
+            continue
+        if out and out[-1][1] == low:
+            out[-1] = (out[-1][0], high, [*out[-1][2], entry])
+        else:
+            out.append((low, high, [entry]))
+    return out
