@@ -44,7 +44,7 @@ import numpy as np
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.models import QUOTE_COLUMNS
-from orderbook_store.pg.copy_out import DecodedColumn, TextCopyDecoder
+from orderbook_store.pg.copy_out import DecodedColumn, TextColumn, TextCopyDecoder
 
 if TYPE_CHECKING:
     import asyncpg
@@ -818,8 +818,20 @@ def _merged(plan: _Plan, symbol: str, blocks: Sequence[_Block]) -> _Block:
     assert isinstance(stamps, np.ndarray) and isinstance(ids, np.ndarray)
     order = sort_order(stamps, ids)
     if order is not None:
-        columns = {name: _take(column, order) for name, column in columns.items()}
+        columns = {name: _first_seen(_take(column, order)) for name, column in columns.items()}
     return _Block(symbol, len(stamps), columns)
+
+
+def _first_seen(column: DecodedColumn) -> DecodedColumn:
+    """A text column's categories renumbered in order of first appearance, as decoding
+    PostgreSQL's rows numbers them (so merged tiers give the same categoricals)."""
+    if not isinstance(column, TextColumn) or not len(column.codes):
+        return column
+    present, first = np.unique(column.codes[column.codes >= 0], return_index=True)
+    seen = present[np.argsort(first)]
+    remap = np.full(len(column.categories) + 1, -1, dtype=np.int32)
+    remap[seen] = np.arange(len(seen), dtype=np.int32)
+    return TextColumn(remap[column.codes], tuple(column.categories[i] for i in seen))
 
 
 def _with_lake_blocks(
