@@ -518,23 +518,29 @@ class Reader:
         columns = ("id", *QUOTE_COLUMNS)
         async with read_snapshot(self.engine) as raw:
             layout = await prepare_probes(raw)
-            entries = await self._catalog.dropped(raw, symbols=names, locked=True)
             if names is None:
                 stored = [dict(r) for r in await latest_of_every_symbol(raw, layout)]
-                by_symbol: dict[str, dict[str, object] | None] = {
-                    str(r["symbol"]): r for r in stored
-                }
-                for entry in entries:
-                    for name in entry.symbols:
+                by_symbol: dict[str, dict[str, Any] | None] = {str(r["symbol"]): r for r in stored}
+                # Only symbols a dropped range ends after PostgreSQL's last quote need the lake.
+                newest = await self._catalog.newest_by_symbol(raw, locked=True)
+                for name, end_us in newest.items():
+                    row = by_symbol.get(name)
+                    if row is None or end_us > int(row["timestamp"]):
                         by_symbol.setdefault(name, None)
                 probes = [Probe(name) for name in sorted(by_symbol)]
                 found = [by_symbol[p.symbol] for p in probes]
+                asking = [
+                    p.symbol
+                    for p, f in zip(probes, found, strict=True)
+                    if p.symbol in newest and (f is None or newest[p.symbol] > int(f["timestamp"]))
+                ]
+                if asking:
+                    found = await self._across_tiers(raw, probes, found, None, asking)
             else:
                 probes = [Probe(name) for name in names]
-                found = [
-                    None if r is None else dict(r) for r in await last_quotes(raw, layout, probes)
-                ]
-            found = await self._across_tiers(entries, probes, found, None)
+                stored_rows = await last_quotes(raw, layout, probes)
+                found = [None if r is None else dict(r) for r in stored_rows]
+                found = await self._across_tiers(raw, probes, found, None, names)
             picked = [row for row in found if row is not None]
             if names is not None:
                 await warn_other_case(raw, set(names) - {row["symbol"] for row in picked})
@@ -544,13 +550,27 @@ class Reader:
 
     async def _across_tiers(
         self,
-        entries: Sequence[LakeRangeEntry],
+        raw: asyncpg.Connection,
         probes: Sequence[Probe],
         found: list[dict[str, Any] | None],
         exchange: str | None,
+        symbols: Sequence[str],
     ) -> list[dict[str, Any] | None]:
         """PostgreSQL's answers to ``probes`` (``found``), each replaced by the lake's last
-        quote at or before the probe's time where that is later (``read.lake_probes``)."""
+        quote at or before the probe's time where that is later (``read.lake_probes``).
+
+        Runs after the probes, in their snapshot (``prepare_probes`` locked the table first),
+        asking the catalog only for dropped ranges that end after the earliest answer and
+        start at or before the latest time: usually none, one small query.
+        """
+        lower = (
+            None if any(f is None for f in found) else min(int(f["timestamp"]) for f in found if f)
+        )
+        uppers = [p.upper_us for p in probes]
+        upper = (
+            None if any(u is None for u in uppers) else max(u for u in uppers if u is not None) + 1
+        )
+        entries = await self._catalog.dropped(raw, lower, upper, symbols, locked=True)
         lake = self._lake_for(entries)
         if lake is None:
             return found
@@ -604,13 +624,14 @@ class Reader:
         if stamps:
             async with read_snapshot(self.engine) as raw:
                 layout = await prepare_probes(raw)
-                entries = await self._catalog.dropped(
-                    raw, None, max(stamps) + 1, [checked_symbol], locked=True
-                )
                 probes = [Probe(checked_symbol, stamp) for stamp in stamps]
                 stored = await last_quotes(raw, layout, probes, exchange=checked_exchange)
                 found = await self._across_tiers(
-                    entries, probes, [None if r is None else dict(r) for r in stored], exchange
+                    raw,
+                    probes,
+                    [None if r is None else dict(r) for r in stored],
+                    checked_exchange,
+                    [checked_symbol],
                 )
                 if all(row is None for row in found):
                     await warn_other_case(raw, [checked_symbol])
@@ -635,11 +656,10 @@ class Reader:
         earliest, latest = min(stamps), max(stamps)
         async with read_snapshot(self.engine) as raw:
             layout = await prepare_probes(raw)
-            entries = await self._catalog.dropped(raw, None, earliest + 1, [symbol], locked=True)
             probe = Probe(symbol, earliest)
             [stored] = await last_quotes(raw, layout, [probe], exchange=exchange)
             [in_force] = await self._across_tiers(
-                entries, [probe], [None if stored is None else dict(stored)], exchange
+                raw, [probe], [None if stored is None else dict(stored)], exchange, [symbol]
             )
             start = earliest if in_force is None else int(in_force["timestamp"])
             explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)

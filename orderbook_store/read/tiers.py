@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from orderbook_store.errors import ConfigError
 from orderbook_store.models import LakeRange, OrderbookData
@@ -40,12 +40,21 @@ __all__ = ["LakeCatalog", "LakeFileRef", "LakeRangeEntry", "lake_windows", "requ
 CATALOG = LakeRange.__tablename__
 LOCK_SQL = f"LOCK TABLE {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
 _PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
-#: Dropped ranges overlapping ``[$1, $2)``, holding one of ``$3`` (every symbol when NULL).
+#: Dropped ranges overlapping ``[$1, $2)`` holding one of ``$3`` (any when NULL), with only
+#: the files of those symbols (``$4``: their names as the layout escapes them).
 _DROPPED_SQL = (
-    f"SELECT start_us, end_us, symbols, files, lake_url FROM {CATALOG}"
+    "SELECT start_us, end_us, symbols, lake_url, CASE WHEN $4::text[] IS NULL THEN files"
+    " ELSE ARRAY(SELECT f FROM unnest(files) AS f"
+    " WHERE split_part(split_part(f, '/symbol=', 2), '/', 1) = ANY($4::text[])) END AS files"
+    f" FROM {CATALOG}"
     " WHERE dropped_at IS NOT NULL AND start_us < $2::bigint AND end_us > $1::bigint"
     " AND ($3::text[] IS NULL OR symbols::text[] && $3::text[])"
     " ORDER BY start_us"
+)
+#: Each symbol in a dropped range, and the end of the newest such range.
+_NEWEST_SQL = (
+    f"SELECT s.symbol, max(r.end_us) AS end_us FROM {CATALOG} r, unnest(r.symbols) AS s(symbol)"
+    " WHERE r.dropped_at IS NOT NULL GROUP BY s.symbol"
 )
 _NO_LOWER = -(2**63)
 _NO_UPPER = 2**63 - 1
@@ -125,19 +134,22 @@ class LakeCatalog:
         locked: bool = False,
     ) -> list[LakeRangeEntry]:
         """The dropped ranges overlapping ``[start_us, end_us)`` (all when ``None``) that hold
-        one of ``symbols`` (any when ``None``), oldest first. Locks the parent table first
-        unless the caller already did (see the module doc); must be the read's first query."""
+        one of ``symbols`` (any when ``None``; with only their files), oldest first. Locks the
+        parent table first unless the caller already did (see the module doc: the lock must
+        come before the read's first query)."""
         if not locked:
             await raw.execute(LOCK_SQL)
         if not self.present:
             if not await raw.fetchval(_PRESENT_SQL):
                 return []
             self.present = True
+        names = None if symbols is None else list(symbols)
         rows = await raw.fetch(
             _DROPPED_SQL,
             _NO_LOWER if start_us is None else start_us,
             _NO_UPPER if end_us is None else end_us,
-            None if symbols is None else list(symbols),
+            names,
+            None if names is None else [quote(name, safe="") for name in names],
         )
         return [
             LakeRangeEntry(
@@ -149,6 +161,19 @@ class LakeCatalog:
             )
             for r in rows
         ]
+
+    async def newest_by_symbol(
+        self, raw: asyncpg.Connection, *, locked: bool = False
+    ) -> dict[str, int]:
+        """Each symbol of a dropped range and the end of the newest one holding it (one
+        query, no file lists: what ``latest()`` of every symbol needs first)."""
+        if not locked:
+            await raw.execute(LOCK_SQL)
+        if not self.present:
+            if not await raw.fetchval(_PRESENT_SQL):
+                return {}
+            self.present = True
+        return {str(r["symbol"]): int(r["end_us"]) for r in await raw.fetch(_NEWEST_SQL)}
 
 
 def require_lake(lake: Lake | None, entries: Iterable[LakeRangeEntry]) -> Lake | None:
