@@ -24,6 +24,17 @@ How a range read works, and why:
   same rows. On a standby, with a busy pool, or when the second connection reaches another
   server, the first connection simply reads everything.
 
+Tiers: ranges whose partitions were archived to the lake and dropped (``orderbook_lake_ranges``,
+``dropped_at`` set) are read from the lake's Parquet files, the rest from PostgreSQL, and merged
+by (timestamp, id); rows written late for a dropped range come from the default partition. The
+read's first statements lock the table (``ACCESS SHARE``) and ask the catalog (``read.tiers``);
+without dropped ranges that is all it costs. Lake files are read on a worker thread while
+PostgreSQL streams (``read.lake_reader``); ``latest``/``asof`` ask the lake only when a dropped
+range can hold a later quote than PostgreSQL's (``read.lake_probes``); ``resample`` combines
+exact partial aggregates of both tiers (``read.resample_tiers``). Every result is what the same
+call returned before the partitions were dropped. ``LAKE_URL`` unset while the catalog says
+rows are in the lake raises ``ConfigError`` naming it and the range.
+
 Times: ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as
 UTC), ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and
 ``int`` microseconds since the epoch. The range is half-open ``[start, end)``; sub-microsecond
@@ -168,7 +179,8 @@ class Reader:
 
         See the module docstring for accepted times and the output types. An unknown symbol
         gives no rows; an empty result has the same columns and dtypes. Costs one COPY per
-        symbol in one read-only transaction; memory is the result plus one 2 MB batch.
+        symbol in one read-only transaction, plus the catalog query (see the module doc) and,
+        for ranges in the lake, reading their files; memory is the result plus one 2 MB batch.
         """
         plan = plan_quotes(
             symbols,
