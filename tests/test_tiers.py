@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -373,7 +372,7 @@ async def test_only_the_files_of_the_read_are_opened(tiers: Tiers) -> None:
     before = await tiers.repo.quotes("AAA", START, END)
     await tiers.to_lake()
     # Another symbol's files gone: a read of AAA never looks at them (no listing either).
-    shutil.rmtree(Path(tiers.lake.root) / "exchange=binance-futures" / "symbol=BBB")
+    tiers.lake.filesystem.delete_dir(tiers.lake.path("exchange=binance-futures/symbol=BBB"))
     assert_same(await tiers.repo.quotes("AAA", START, END), before)
 
 

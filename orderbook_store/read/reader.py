@@ -27,13 +27,13 @@ How a range read works, and why:
 Tiers: ranges whose partitions were archived to the lake and dropped (``orderbook_lake_ranges``,
 ``dropped_at`` set) are read from the lake's Parquet files, the rest from PostgreSQL, and merged
 by (timestamp, id); rows written late for a dropped range come from the default partition. The
-read's first statements lock the table (``ACCESS SHARE``) and ask the catalog (``read.tiers``);
-without dropped ranges that is all it costs. Lake files are read on a worker thread while
-PostgreSQL streams (``read.lake_reader``); ``latest``/``asof`` ask the lake only when a dropped
-range can hold a later quote than PostgreSQL's (``read.lake_probes``); ``resample`` combines
-exact partial aggregates of both tiers (``read.resample_tiers``). Every result is what the same
-call returned before the partitions were dropped. ``LAKE_URL`` unset while the catalog says
-rows are in the lake raises ``ConfigError`` naming it and the range.
+read's transaction locks the table before its snapshot (``read.snapshot``) and asks the catalog
+(``read.tiers``): one small query, all it costs without dropped ranges. Lake files are read on a
+worker thread while PostgreSQL streams (``read.lake_reader``); ``latest``/``asof`` ask the lake
+only when a dropped range can hold a later quote than PostgreSQL's (``read.lake_probes``);
+``resample`` combines exact partial aggregates of both tiers (``read.resample_tiers``). Every
+result is what the same call returned before the partitions were dropped. ``LAKE_URL`` unset
+while the catalog says rows are in the lake raises ``ConfigError`` naming it and the range.
 
 Times: ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as
 UTC), ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and
@@ -534,7 +534,7 @@ class Reader:
                 stored = [dict(r) for r in await latest_of_every_symbol(raw, layout)]
                 by_symbol: dict[str, dict[str, Any] | None] = {str(r["symbol"]): r for r in stored}
                 # Only symbols a dropped range ends after PostgreSQL's last quote need the lake.
-                newest = await self._catalog.newest_by_symbol(raw, locked=True)
+                newest = await self._catalog.newest_by_symbol(raw)
                 for name, end_us in newest.items():
                     row = by_symbol.get(name)
                     if row is None or end_us > int(row["timestamp"]):
@@ -571,9 +571,9 @@ class Reader:
         """PostgreSQL's answers to ``probes`` (``found``), each replaced by the lake's last
         quote at or before the probe's time where that is later (``read.lake_probes``).
 
-        Runs after the probes, in their snapshot (``prepare_probes`` locked the table first),
-        asking the catalog only for dropped ranges that end after the earliest answer and
-        start at or before the latest time: usually none, one small query.
+        Runs after the probes, in their snapshot, asking the catalog only for dropped ranges
+        that end after the earliest answer and start at or before the latest time:
+        usually none, one small query.
         """
         lower = (
             None if any(f is None for f in found) else min(int(f["timestamp"]) for f in found if f)
@@ -582,7 +582,7 @@ class Reader:
         upper = (
             None if any(u is None for u in uppers) else max(u for u in uppers if u is not None) + 1
         )
-        entries = await self._catalog.dropped(raw, lower, upper, symbols, locked=True)
+        entries = await self._catalog.dropped(raw, lower, upper, symbols)
         lake = self._lake_for(entries)
         if lake is None:
             return found

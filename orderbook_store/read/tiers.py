@@ -11,10 +11,11 @@ The catalog names every file of a range (paths relative to the lake's root, in t
 format's layout), so a read opens exactly the files of its symbols and dates: the bucket is
 never listed.
 
-The parent table is locked ``ACCESS SHARE`` *before* the catalog is read (``LOCK`` takes no
-snapshot): a ``prune`` that detaches and drops a partition either committed before the read's
-snapshot (the catalog then says so) or waits for the read to end. Without the lock, a prune
-committing between the catalog query and the read's COPY would drop rows from the answer.
+Every read's transaction locks the parent table ``ACCESS SHARE`` *before* its snapshot is
+taken (``read.snapshot``; ``LOCK`` takes none): a ``prune`` that detaches and drops a partition
+either committed before the read's snapshot (the catalog then says so) or waits for the read
+to end. Without the lock, a prune committing between the catalog query and the read's COPY
+would drop rows from the answer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from orderbook_store.errors import ConfigError
-from orderbook_store.models import LakeRange, OrderbookData
+from orderbook_store.models import LakeRange
 from orderbook_store.times import from_us
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["LakeCatalog", "LakeFileRef", "LakeRangeEntry", "lake_windows", "require_lake"]
 
 CATALOG = LakeRange.__tablename__
-LOCK_SQL = f"LOCK TABLE {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
 _PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
 #: Dropped ranges overlapping ``[$1, $2)`` holding one of ``$3`` (any when NULL), with only
 #: the files of those symbols (``$4``: their names as the layout escapes them).
@@ -130,15 +130,9 @@ class LakeCatalog:
         start_us: int | None = None,
         end_us: int | None = None,
         symbols: Sequence[str] | None = None,
-        *,
-        locked: bool = False,
     ) -> list[LakeRangeEntry]:
         """The dropped ranges overlapping ``[start_us, end_us)`` (all when ``None``) that hold
-        one of ``symbols`` (any when ``None``; with only their files), oldest first. Locks the
-        parent table first unless the caller already did (see the module doc: the lock must
-        come before the read's first query)."""
-        if not locked:
-            await raw.execute(LOCK_SQL)
+        one of ``symbols`` (any when ``None``; with only their files), oldest first."""
         if not self.present:
             if not await raw.fetchval(_PRESENT_SQL):
                 return []
@@ -162,13 +156,9 @@ class LakeCatalog:
             for r in rows
         ]
 
-    async def newest_by_symbol(
-        self, raw: asyncpg.Connection, *, locked: bool = False
-    ) -> dict[str, int]:
+    async def newest_by_symbol(self, raw: asyncpg.Connection) -> dict[str, int]:
         """Each symbol of a dropped range and the end of the newest one holding it (one
         query, no file lists: what ``latest()`` of every symbol needs first)."""
-        if not locked:
-            await raw.execute(LOCK_SQL)
         if not self.present:
             if not await raw.fetchval(_PRESENT_SQL):
                 return {}
