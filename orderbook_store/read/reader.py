@@ -675,9 +675,12 @@ class Reader:
             )
             start = earliest if in_force is None else int(in_force["timestamp"])
             explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
+            in_lake = await self._catalog.dropped(raw, start, latest + 1, [symbol])
         if isinstance(explained, str | bytes):
             explained = json.loads(explained)
-        if int(explained[0]["Plan"]["Plan Rows"]) > self.asof_range_rows_per_time * len(stamps):
+        estimate = int(explained[0]["Plan"]["Plan Rows"])
+        estimate += sum(entry.rows_of_one_symbol(start, latest + 1) for entry in in_lake)
+        if estimate > self.asof_range_rows_per_time * len(stamps):
             return None
         plan = plan_quotes(symbol, start, latest + 1, exchange=exchange, output=output, exact=exact)
         columns = await self._read_columns(plan)

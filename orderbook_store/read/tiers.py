@@ -43,7 +43,7 @@ _PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
 #: Dropped ranges overlapping ``[$1, $2)`` holding one of ``$3`` (any when NULL), with only
 #: the files of those symbols (``$4``: their names as the layout escapes them).
 _DROPPED_SQL = (
-    "SELECT start_us, end_us, symbols, lake_url, CASE WHEN $4::text[] IS NULL THEN files"
+    "SELECT start_us, end_us, symbols, rows, lake_url, CASE WHEN $4::text[] IS NULL THEN files"
     " ELSE ARRAY(SELECT f FROM unnest(files) AS f"
     " WHERE split_part(split_part(f, '/symbol=', 2), '/', 1) = ANY($4::text[])) END AS files"
     f" FROM {CATALOG}"
@@ -101,6 +101,14 @@ class LakeRangeEntry:
     symbols: frozenset[str]
     files: tuple[LakeFileRef, ...]
     lake_url: str
+    rows: int = 0  # of every symbol
+
+    def rows_of_one_symbol(self, start_us: int, end_us: int) -> int:
+        """A rough estimate of one symbol's rows in ``[start_us, end_us)`` of this range (its
+        rows spread evenly over its symbols and time): what a planner estimate is for."""
+        overlap = max(0, min(end_us, self.end_us) - max(start_us, self.start_us))
+        share = overlap / (self.end_us - self.start_us) / max(1, len(self.symbols))
+        return int(self.rows * share)
 
     def files_of(
         self, symbol: str, exchange: str | None, start_us: int, end_us: int
@@ -152,6 +160,7 @@ class LakeCatalog:
                 frozenset(r["symbols"]),
                 tuple(LakeFileRef.parse(p) for p in r["files"]),
                 str(r["lake_url"]),
+                int(r["rows"]),
             )
             for r in rows
         ]
