@@ -47,6 +47,7 @@ LAKE_DAYS = DAYS[:2]  # moved to the lake; DAYS[2:] stay in PostgreSQL
 ROWS_PER_DAY = 240
 START, END = D1 + 3 * HOUR, DAYS[3] + 5 * HOUR  # half in the lake, half in PostgreSQL
 OUTPUTS = ("pandas", "polars", "arrow", "numpy")
+ODD = "Q/Z %é=1"
 COLUMNS = ["id", "symbol", "timestamp", "exchange", "bid_price", "ask_amount"]
 
 
@@ -104,6 +105,9 @@ def _quotes() -> list[tuple[object, ...]]:
     for k in range(50):  # CCC trades on the first day only: it ends up only in the lake
         stamp = D1 + HOUR + k * 60_000_000
         rows.append(("binance-futures", "CCC", stamp, stamp + 9, "1", "2.5", "2.25", "3"))
+    for k in range(5):  # a name the lake's paths must escape, also only in the lake
+        stamp = D1 + 2 * HOUR + k
+        rows.append(("binance-futures", ODD, stamp, stamp + 9, "1", "2.5", "2.25", "3"))
     rng.shuffle(rows)
     return rows
 
@@ -238,7 +242,7 @@ async def test_every_read_equals_its_result_before_the_prune(tiers: Tiers) -> No
     before = {name: await read(tiers.repo) for name, read in reads.items()}
     assert len(before["quotes pandas exact=False"]) > 3 * ROWS_PER_DAY  # both tiers hold rows
     moved = await tiers.to_lake()
-    assert moved == 2 * 2 * ROWS_PER_DAY + 50
+    assert moved == 2 * 2 * ROWS_PER_DAY + 50 + 5
     stored = await tiers.sql(
         "SELECT count(*) FROM orderbook_data WHERE timestamp < $1::bigint", DAYS[2]
     )
@@ -348,6 +352,9 @@ async def test_a_symbol_only_in_the_lake_still_answers(tiers: Tiers) -> None:
     assert_same(await tiers.repo.asof("CCC", [D1, D1 + 2 * HOUR, END]), before["asof"])
     assert_same(await tiers.repo.resample("CCC", D1, END, "10min"), before["resample"])
     assert "CCC" in (await tiers.repo.latest())["symbol"].tolist()
+    odd = await tiers.repo.quotes(ODD, D1, END, columns=["id", "symbol", "timestamp"])
+    assert odd["symbol"].tolist() == [ODD] * 5
+    assert (await tiers.repo.latest(ODD))["timestamp"].tolist() == [odd["timestamp"].iloc[-1]]
 
 
 async def test_an_unknown_symbol_gives_the_same_empty_results(tiers: Tiers) -> None:
@@ -415,7 +422,7 @@ async def test_a_database_before_the_catalog_reads_from_postgresql(
         async with OrderbookRepository(engine, settings=settings) as repo:
             frame = await repo.quotes(["AAA", "BBB", "CCC"], D1, DAYS[3] + DAY)
             assert len(frame) == 4 * 2 * ROWS_PER_DAY + 50
-            assert len(await repo.latest()) == 3
+            assert len(await repo.latest()) == 4
             assert len(await repo.resample("AAA", D1, END, "1D")) == 4
     finally:
         await engine.dispose()
