@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store import connect
 from orderbook_store.engine import create_engine
-from orderbook_store.errors import ConfigError
+from orderbook_store.errors import ConfigError, LakeUnreadable
 from orderbook_store.files.lake_store import Lake, open_lake
 from orderbook_store.ops import migrations, partitions
 from orderbook_store.repository import OrderbookRepository
@@ -426,3 +426,20 @@ async def test_a_database_before_the_catalog_reads_from_postgresql(
             assert len(await repo.resample("AAA", D1, END, "1D")) == 4
     finally:
         await engine.dispose()
+
+
+async def test_a_missing_lake_file_fails_naming_the_lake_and_the_file(tiers: Tiers) -> None:
+    await tiers.to_lake()
+    gone = "exchange=binance-futures/symbol=AAA/date=2024-01-02"
+    tiers.lake.filesystem.delete_dir(tiers.lake.path(gone))
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: tiers.repo.quotes("AAA", START, END),
+        lambda: _chunks(tiers.repo.iter_quotes("AAA", START, END)),
+        lambda: tiers.repo.asof("AAA", [DAYS[2]]),
+        lambda: tiers.repo.resample("AAA", START, END),
+    ]
+    for call in calls:
+        with pytest.raises(LakeUnreadable, match="LAKE_URL") as caught:
+            await call()
+        assert gone in str(caught.value) and tiers.lake.url in str(caught.value)
+    assert len(await tiers.repo.quotes("AAA", DAYS[2], END)) > 0  # PostgreSQL's days still read

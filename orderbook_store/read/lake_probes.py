@@ -18,6 +18,7 @@ import numpy as np
 
 from orderbook_store.files.lake_format import FILE_COLUMNS
 from orderbook_store.models import DECIMAL_COLUMNS
+from orderbook_store.read.lake_reader import unreadable
 
 if TYPE_CHECKING:
     from orderbook_store.files.lake_store import Lake
@@ -104,12 +105,15 @@ class LakeProbes:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pq.read_table(
-                self.lake.path(ref.path),
-                columns=list(FILE_COLUMNS[:-1]),
-                filesystem=self.lake.filesystem,
-                partitioning=None,
-            )
+            try:
+                table = pq.read_table(
+                    self.lake.path(ref.path),
+                    columns=list(FILE_COLUMNS[:-1]),
+                    filesystem=self.lake.filesystem,
+                    partitioning=None,
+                )
+            except OSError as exc:
+                raise unreadable(self.lake, [ref], exc) from exc
             for name in ("timestamp", "local_timestamp"):
                 index = table.schema.get_field_index(name)
                 table = table.set_column(index, name, table[name].cast(pa.int64()))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from orderbook_store.errors import LakeUnreadable
 from orderbook_store.files.lake_format import file_schema, partitioning
 from orderbook_store.models import DECIMAL_COLUMNS, DECIMAL_SCALE
 from orderbook_store.pg.copy_out import DecodedColumn, TextColumn
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from orderbook_store.files.lake_store import Lake
     from orderbook_store.read.tiers import LakeFileRef
 
-__all__ = ["decode_table", "read_lake_rows", "sort_order"]
+__all__ = ["decode_table", "read_lake_rows", "sort_order", "unreadable"]
 
 #: Unscaled values below this convert to float64 exactly (see the module doc).
 _EXACT_MANTISSA = 2**53
@@ -72,9 +73,22 @@ def read_lake_rows(
     condition = (ds.field("timestamp") >= pa.scalar(start_us, stamp)) & (
         ds.field("timestamp") < pa.scalar(end_us, stamp)
     )
-    table = _dataset(lake, refs).to_table(columns=wanted, filter=condition, use_threads=True)
+    try:
+        table = _dataset(lake, refs).to_table(columns=wanted, filter=condition, use_threads=True)
+    except OSError as exc:
+        raise unreadable(lake, refs, exc) from exc
     order = sort_order(pc.cast(table["timestamp"], pa.int64()).to_numpy(), table["id"].to_numpy())
     return table if order is None else table.take(order)
+
+
+def unreadable(lake: Lake, refs: Sequence[LakeFileRef], exc: BaseException) -> LakeUnreadable:
+    """The error for lake files that could not be read (names the lake and the files)."""
+    named = ", ".join(ref.path for ref in refs[:3]) + (", ..." if len(refs) > 3 else "")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LakeUnreadable(
+        f"cannot read the lake {lake.url} (LAKE_URL): {len(refs)} file(s) that"
+        f" orderbook_lake_ranges names ({named}): {reason}"
+    )
 
 
 def sort_order(timestamps: npt.NDArray[Any], ids: npt.NDArray[Any]) -> npt.NDArray[np.intp] | None:
