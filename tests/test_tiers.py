@@ -443,3 +443,16 @@ async def test_a_missing_lake_file_fails_naming_the_lake_and_the_file(tiers: Tie
             await call()
         assert gone in str(caught.value) and tiers.lake.url in str(caught.value)
     assert len(await tiers.repo.quotes("AAA", DAYS[2], END)) > 0  # PostgreSQL's days still read
+
+
+async def test_a_prune_waits_for_a_read_in_progress(tiers: Tiers) -> None:
+    before = await tiers.repo.quotes("AAA", START, END, columns=["id"])
+    stream = tiers.repo.iter_quotes("AAA", START, END, chunk_rows=100, columns=["id"])
+    chunks = [await stream.__anext__()]  # the read's transaction is open
+    mover = asyncio.ensure_future(tiers.to_lake())
+    await asyncio.sleep(0.5)
+    assert not mover.done()  # the partitions cannot go while the read holds its snapshot
+    chunks += [chunk async for chunk in stream]
+    assert await mover == 2 * 2 * ROWS_PER_DAY + 50 + 5
+    assert pd.concat(chunks, ignore_index=True)["id"].tolist() == before["id"].tolist()
+    assert_same(await tiers.repo.quotes("AAA", START, END, columns=["id"]), before)
