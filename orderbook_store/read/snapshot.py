@@ -35,9 +35,11 @@ def schema_not_migrated(engine: AsyncEngine) -> SchemaNotMigrated:
 #: The transaction, and the table locked ``ACCESS SHARE`` before any statement takes the
 #: snapshot, in one round trip: a partition detached and dropped by ``prune`` (with its range
 #: recorded as in the lake) is either gone in the snapshot's catalog or waits for the read.
+#: ``ONLY``: detaching locks the parent, so the parent suffices; locking every partition would
+#: take one lock per partition (hundreds) on every read.
 _BEGIN_SQL = (
     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-    f" LOCK TABLE {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
+    f" LOCK TABLE ONLY {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
 )
 
 
