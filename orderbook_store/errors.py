@@ -86,6 +86,12 @@ class SchemaNotMigrated(OrderbookStoreError):
     another database). The message names the database and the command that fixes it."""
 
 
+class LakeUnreadable(OrderbookStoreError, OSError):
+    """A file the lake's catalog names for a read could not be read (missing, unreachable
+    store, refused key). The message names the lake (``LAKE_URL``, no secret) and the file;
+    the read returns nothing rather than fewer rows."""
+
+
 class SymbolCaseWarning(UserWarning):
     """A read found nothing for a symbol that is stored under another spelling (symbols are
     case-sensitive: ``btcusdt`` is not ``BTCUSDT``). The message names the stored spelling."""

@@ -216,7 +216,7 @@ class OrderbookRepository(AsyncReads):
         if reader is None:
             if self.settings.read_settings() is not None:
                 self._read_engine = create_read_engine(self.settings)
-            reader = self._reader = Reader(self._read_engine or self.engine)
+            reader = self._reader = Reader(self._read_engine or self.engine, settings=self.settings)
         return reader
 
     def _reads(self) -> Reader:

@@ -24,6 +24,17 @@ How a range read works, and why:
   same rows. On a standby, with a busy pool, or when the second connection reaches another
   server, the first connection simply reads everything.
 
+Tiers: ranges whose partitions were archived to the lake and dropped (``orderbook_lake_ranges``,
+``dropped_at`` set) are read from the lake's Parquet files, the rest from PostgreSQL, and merged
+by (timestamp, id); rows written late for a dropped range come from the default partition. The
+read's transaction locks the table before its snapshot (``read.snapshot``) and asks the catalog
+(``read.tiers``): one small query, all it costs without dropped ranges. Lake files are read on a
+worker thread while PostgreSQL streams (``read.lake_reader``); ``latest``/``asof`` ask the lake
+only when a dropped range can hold a later quote than PostgreSQL's (``read.lake_probes``);
+``resample`` combines exact partial aggregates of both tiers (``read.resample_tiers``). Every
+result is what the same call returned before the partitions were dropped. ``LAKE_URL`` unset
+while the catalog says rows are in the lake raises ``ConfigError`` naming it and the range.
+
 Times: ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as
 UTC), ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and
 ``int`` microseconds since the epoch. The range is half-open ``[start, end)``; sub-microsecond
@@ -37,29 +48,35 @@ import contextlib
 import datetime as dt
 import json
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.models import QUOTE_COLUMNS
-from orderbook_store.pg.copy_out import DecodedColumn, TextCopyDecoder
+from orderbook_store.pg.copy_out import DecodedColumn, TextColumn, TextCopyDecoder
 
 if TYPE_CHECKING:
     import asyncpg
 
+from orderbook_store.engine import settings_of
 from orderbook_store.errors import InvalidArgument
+from orderbook_store.files.lake_store import Lake, open_lake
 from orderbook_store.pg.connection import raw_connection
 from orderbook_store.read.columns import (
     _Block,
     _block_from_batches,
+    _concat,
     _merge_blocks,
     _split_block,
+    _take,
     _take_or_missing,
 )
 from orderbook_store.read.frames import _rows_to_columns, build_frame
 from orderbook_store.read.hints import warn_other_case
+from orderbook_store.read.lake_probes import LakeProbes
+from orderbook_store.read.lake_reader import decode_table, read_lake_rows, sort_order
 from orderbook_store.read.layout import prepare_probes
 from orderbook_store.read.plan import (
     _BIND_SQL,
@@ -78,9 +95,24 @@ from orderbook_store.read.plan import (
     plan_quotes,
 )
 from orderbook_store.read.probes import Probe, last_quotes, latest_of_every_symbol
+from orderbook_store.read.resample_tiers import (
+    PARTIALS_SQL,
+    finish,
+    lake_partials,
+    merge_partials,
+    stored_partials,
+)
 from orderbook_store.read.snapshot import read_snapshot
 from orderbook_store.read.sql import RESAMPLE_COLUMNS, RESAMPLE_SQL
-from orderbook_store.times import TimeLike, parse_freq_us, to_epoch_us
+from orderbook_store.read.tiers import (
+    LakeCatalog,
+    LakeFileRef,
+    LakeRangeEntry,
+    lake_windows,
+    require_lake,
+)
+from orderbook_store.settings import Settings
+from orderbook_store.times import US_PER_DAY, TimeLike, parse_freq_us, to_epoch_us
 
 _SNAPSHOT_RE = re.compile(r"^[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+$")
 
@@ -116,8 +148,21 @@ class Reader:
     #: ... when that range holds at most this many quotes per requested time.
     asof_range_rows_per_time = 50
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, settings: Settings | None = None) -> None:
         self.engine = engine
+        #: Where ``LAKE_URL`` comes from: the repository's settings, else the engine's.
+        self.settings = settings if settings is not None else settings_of(engine)
+        self._catalog = LakeCatalog()
+        self._lake: Lake | None = None
+
+    def _lake_for(self, entries: Sequence[LakeRangeEntry]) -> Lake | None:
+        """The configured lake when ``entries`` (dropped ranges) need it; ``ConfigError``
+        naming ``LAKE_URL`` and the range when they do and none is configured."""
+        if not entries:
+            return None
+        if self._lake is None:
+            self._lake = open_lake(self.settings)
+        return require_lake(self._lake, entries)
 
     async def quotes(
         self,
@@ -134,7 +179,8 @@ class Reader:
 
         See the module docstring for accepted times and the output types. An unknown symbol
         gives no rows; an empty result has the same columns and dtypes. Costs one COPY per
-        symbol in one read-only transaction; memory is the result plus one 2 MB batch.
+        symbol in one read-only transaction, plus the catalog query (see the module doc) and,
+        for ranges in the lake, reading their files; memory is the result plus one 2 MB batch.
         """
         plan = plan_quotes(
             symbols,
@@ -152,20 +198,37 @@ class Reader:
         blocks: list[_Block] = []
         if plan.symbols:
             async with read_snapshot(self.engine) as raw:
-                parts, rows = await self._parts(raw, plan)
-                snapshot = None
-                self.last_read_connections = 1
-                if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
-                    snapshot = await _export_snapshot(raw)
-                if snapshot is not None:
-                    results = await self._copy_parallel(raw, plan, parts, snapshot)
-                else:
-                    results = [await self._copy_batches(raw, plan, part) for part in parts]
-                await warn_other_case(raw, _empty_symbols(parts, results))
+                entries = await self._catalog.dropped(raw, plan.start_us, plan.end_us, plan.symbols)
+                lake = self._lake_for(entries)
+                # The lake's files are read on a worker thread while PostgreSQL streams.
+                in_lake: asyncio.Future[dict[str, _Block]] | None = None
+                if lake is not None:
+                    in_lake = asyncio.ensure_future(
+                        asyncio.to_thread(_lake_blocks, lake, entries, plan)
+                    )
+                try:
+                    parts, rows = await self._parts(raw, plan)
+                    snapshot = None
+                    self.last_read_connections = 1
+                    if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
+                        snapshot = await _export_snapshot(raw)
+                    if snapshot is not None:
+                        results = await self._copy_parallel(raw, plan, parts, snapshot)
+                    else:
+                        results = [await self._copy_batches(raw, plan, part) for part in parts]
+                    lake_blocks = {} if in_lake is None else await in_lake
+                except BaseException:
+                    if in_lake is not None and not in_lake.done():
+                        _detach(in_lake)
+                    raise
+                empty = _empty_symbols(parts, results)
+                await warn_other_case(raw, {s for s in empty if s not in lake_blocks})
             blocks = [
                 _block_from_batches(plan, part.symbol, batches, check_order=True)
                 for part, batches in zip(parts, results, strict=True)
             ]
+            if lake_blocks:
+                blocks = _with_lake_blocks(plan, blocks, lake_blocks)
         return _merge_blocks(plan, blocks)
 
     async def _parts(self, raw: asyncpg.Connection, plan: _Plan) -> tuple[list[_Part], int]:
@@ -312,19 +375,102 @@ class Reader:
         if not plan.symbols:
             return
         async with read_snapshot(self.engine) as raw:
+            entries = await self._catalog.dropped(raw, plan.start_us, plan.end_us, plan.symbols)
+            lake = self._lake_for(entries)
             empty = []
             for symbol in plan.symbols:
                 found = False
-                async for block in self._stream_symbol(raw, plan, symbol, chunk_rows):
-                    found = True
-                    yield build_frame(_merge_blocks(plan, [block]), plan.output, exact=plan.exact)
+                batches = self._symbol_batches(raw, plan, symbol, lake, entries)
+                async with contextlib.aclosing(
+                    self._rechunk(plan, symbol, batches, chunk_rows)
+                ) as blocks:
+                    async for block in blocks:
+                        found = True
+                        yield build_frame(
+                            _merge_blocks(plan, [block]), plan.output, exact=plan.exact
+                        )
                 if not found:
                     empty.append(symbol)
             await warn_other_case(raw, empty)
 
-    async def _stream_symbol(
-        self, raw: asyncpg.Connection, plan: _Plan, symbol: str, chunk_rows: int
-    ) -> AsyncIterator[_Block]:
+    async def _rechunk(
+        self,
+        plan: _Plan,
+        symbol: str,
+        batches: AsyncGenerator[list[DecodedColumn]],
+        chunk_rows: int,
+    ) -> AsyncGenerator[_Block]:
+        """``batches`` (in output order) as blocks of ``chunk_rows`` rows, the last one fewer."""
+        pending: list[list[DecodedColumn]] = []
+        pending_rows = 0
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if not len(batch[0]):
+                    continue
+                pending.append(batch)
+                pending_rows += len(batch[0])
+                while pending_rows >= chunk_rows:
+                    block = _block_from_batches(plan, symbol, pending, check_order=False)
+                    head, tail = _split_block(plan, block, chunk_rows)
+                    yield head
+                    pending = [[tail.columns[name] for name in plan.copy_columns]]
+                    pending_rows = tail.nrows
+        if pending_rows:
+            yield _block_from_batches(plan, symbol, pending, check_order=False)
+
+    async def _symbol_batches(
+        self,
+        raw: asyncpg.Connection,
+        plan: _Plan,
+        symbol: str,
+        lake: Lake | None,
+        entries: Sequence[LakeRangeEntry],
+    ) -> AsyncGenerator[list[DecodedColumn]]:
+        """One symbol's rows in output order, as batches: PostgreSQL streams the ranges not in
+        the lake; each UTC day of a lake range is its files' rows merged with the rows
+        PostgreSQL holds for that day (late rows), so memory holds at most a day of lake rows.
+        """
+        cursor = plan.start_us
+        windows = lake_windows(entries, symbol, plan.start_us, plan.end_us) if lake else []
+        for low, high, held in windows:
+            if cursor < low:
+                async with contextlib.aclosing(
+                    self._stream_batches(raw, plan, symbol, cursor, low)
+                ) as stream:
+                    async for batch in stream:
+                        yield batch
+            assert lake is not None
+            day = low
+            while day < high:
+                day_end = min(high, (day // US_PER_DAY + 1) * US_PER_DAY)
+                refs = [
+                    ref for e in held for ref in e.files_of(symbol, plan.exchange, day, day_end)
+                ]
+                stored = _block_from_batches(
+                    plan,
+                    symbol,
+                    await self._copy_batches(raw, plan, _Part(symbol, day, day_end)),
+                    check_order=True,
+                )
+                in_lake = await asyncio.to_thread(
+                    _lake_block, lake, refs, plan, symbol, day, day_end
+                )
+                merged = _merged(plan, symbol, [stored, in_lake])
+                yield [merged.columns[name] for name in plan.copy_columns]
+                day = day_end
+            cursor = high
+        if cursor < plan.end_us:
+            async with contextlib.aclosing(
+                self._stream_batches(raw, plan, symbol, cursor, plan.end_us)
+            ) as stream:
+                async for batch in stream:
+                    yield batch
+
+    async def _stream_batches(
+        self, raw: asyncpg.Connection, plan: _Plan, symbol: str, start_us: int, end_us: int
+    ) -> AsyncGenerator[list[DecodedColumn]]:
+        """The COPY of ``symbol`` in ``[start_us, end_us)``, ordered by (timestamp, id) by the
+        server, as decoded batches; the COPY waits (TCP back-pressure) while one is held."""
         queue: asyncio.Queue[list[DecodedColumn] | None] = asyncio.Queue(maxsize=1)
         decoder = TextCopyDecoder(plan.kinds, exact=plan.exact, batch_bytes=self.batch_bytes)
 
@@ -333,15 +479,15 @@ class Reader:
                 await queue.put(batch)  # waits while the consumer is behind
 
         async def produce() -> None:
-            await raw.copy_from_query(plan.copy_sql(order_by_id=True), output=sink)
+            await raw.copy_from_query(
+                plan.copy_sql(order_by_id=True, start_us=start_us, end_us=end_us), output=sink
+            )
             for batch in decoder.finish():
                 await queue.put(batch)
             await queue.put(None)
 
         await raw.fetchval(_BIND_SQL, *plan.bind_args(symbol))
         producer = asyncio.ensure_future(produce())
-        pending: list[list[DecodedColumn]] = []
-        pending_rows = 0
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -355,16 +501,7 @@ class Reader:
                 batch = getter.result()
                 if batch is None:
                     break
-                pending.append(batch)
-                pending_rows += len(batch[0])
-                while pending_rows >= chunk_rows:
-                    block = _block_from_batches(plan, symbol, pending, check_order=False)
-                    head, tail = _split_block(plan, block, chunk_rows)
-                    yield head
-                    pending = [[tail.columns[name] for name in plan.copy_columns]]
-                    pending_rows = tail.nrows
-            if pending_rows:
-                yield _block_from_batches(plan, symbol, pending, check_order=False)
+                yield batch
             await producer
         finally:
             if not producer.done():
@@ -394,15 +531,77 @@ class Reader:
         async with read_snapshot(self.engine) as raw:
             layout = await prepare_probes(raw)
             if names is None:
-                rows = await latest_of_every_symbol(raw, layout)
+                stored = [dict(r) for r in await latest_of_every_symbol(raw, layout)]
+                by_symbol: dict[str, dict[str, Any] | None] = {str(r["symbol"]): r for r in stored}
+                # Only symbols a dropped range ends after PostgreSQL's last quote need the lake.
+                newest = await self._catalog.newest_by_symbol(raw)
+                for name, end_us in newest.items():
+                    row = by_symbol.get(name)
+                    if row is None or end_us > int(row["timestamp"]):
+                        by_symbol.setdefault(name, None)
+                probes = [Probe(name) for name in sorted(by_symbol)]
+                found = [by_symbol[p.symbol] for p in probes]
+                asking = [
+                    p.symbol
+                    for p, f in zip(probes, found, strict=True)
+                    if p.symbol in newest and (f is None or newest[p.symbol] > int(f["timestamp"]))
+                ]
+                if asking:
+                    found = await self._across_tiers(raw, probes, found, None, asking)
             else:
-                found = await last_quotes(raw, layout, [Probe(name) for name in names])
-                rows = [row for row in found if row is not None]
-                await warn_other_case(raw, set(names) - {row["symbol"] for row in rows})
-        picked = [dict(r) for r in rows]
+                probes = [Probe(name) for name in names]
+                stored_rows = await last_quotes(raw, layout, probes)
+                found = [None if r is None else dict(r) for r in stored_rows]
+                found = await self._across_tiers(raw, probes, found, None, names)
+            picked = [row for row in found if row is not None]
+            if names is not None:
+                await warn_other_case(raw, set(names) - {row["symbol"] for row in picked})
         picked.sort(key=lambda r: str(r["symbol"]))
         data = _rows_to_columns(picked, columns, exact)
         return build_frame({c: data[c] for c in QUOTE_COLUMNS}, checked_output, exact=exact)
+
+    async def _across_tiers(
+        self,
+        raw: asyncpg.Connection,
+        probes: Sequence[Probe],
+        found: list[dict[str, Any] | None],
+        exchange: str | None,
+        symbols: Sequence[str],
+    ) -> list[dict[str, Any] | None]:
+        """PostgreSQL's answers to ``probes`` (``found``), each replaced by the lake's last
+        quote at or before the probe's time where that is later (``read.lake_probes``).
+
+        Runs after the probes, in their snapshot, asking the catalog only for dropped ranges
+        that end after the earliest answer and start at or before the latest time:
+        usually none, one small query.
+        """
+        lower = (
+            None if any(f is None for f in found) else min(int(f["timestamp"]) for f in found if f)
+        )
+        uppers = [p.upper_us for p in probes]
+        upper = (
+            None if any(u is None for u in uppers) else max(u for u in uppers if u is not None) + 1
+        )
+        entries = await self._catalog.dropped(raw, lower, upper, symbols)
+        lake = self._lake_for(entries)
+        if lake is None:
+            return found
+        probing = LakeProbes(lake, entries, exchange)
+        asked = [
+            i
+            for i, (p, f) in enumerate(zip(probes, found, strict=True))
+            if probing.needed(p.symbol, p.upper_us, f)
+        ]
+        if not asked:
+            return found
+
+        def ask() -> list[dict[str, Any] | None]:
+            out = list(found)
+            for i in asked:
+                out[i] = probing.last(probes[i].symbol, probes[i].upper_us, found[i])
+            return out
+
+        return await asyncio.to_thread(ask)
 
     async def asof(
         self,
@@ -438,7 +637,14 @@ class Reader:
             async with read_snapshot(self.engine) as raw:
                 layout = await prepare_probes(raw)
                 probes = [Probe(checked_symbol, stamp) for stamp in stamps]
-                found = await last_quotes(raw, layout, probes, exchange=checked_exchange)
+                stored = await last_quotes(raw, layout, probes, exchange=checked_exchange)
+                found = await self._across_tiers(
+                    raw,
+                    probes,
+                    [None if r is None else dict(r) for r in stored],
+                    checked_exchange,
+                    [checked_symbol],
+                )
                 if all(row is None for row in found):
                     await warn_other_case(raw, [checked_symbol])
             rows = [
@@ -462,14 +668,19 @@ class Reader:
         earliest, latest = min(stamps), max(stamps)
         async with read_snapshot(self.engine) as raw:
             layout = await prepare_probes(raw)
-            [in_force] = await last_quotes(
-                raw, layout, [Probe(symbol, earliest)], exchange=exchange
+            probe = Probe(symbol, earliest)
+            [stored] = await last_quotes(raw, layout, [probe], exchange=exchange)
+            [in_force] = await self._across_tiers(
+                raw, [probe], [None if stored is None else dict(stored)], exchange, [symbol]
             )
             start = earliest if in_force is None else int(in_force["timestamp"])
             explained = await raw.fetchval(_ESTIMATE_SQL, symbol, start, latest + 1, exchange)
+            in_lake = await self._catalog.dropped(raw, start, latest + 1, [symbol])
         if isinstance(explained, str | bytes):
             explained = json.loads(explained)
-        if int(explained[0]["Plan"]["Plan Rows"]) > self.asof_range_rows_per_time * len(stamps):
+        estimate = int(explained[0]["Plan"]["Plan Rows"])
+        estimate += sum(entry.rows_of_one_symbol(start, latest + 1) for entry in in_lake)
+        if estimate > self.asof_range_rows_per_time * len(stamps):
             return None
         plan = plan_quotes(symbol, start, latest + 1, exchange=exchange, output=output, exact=exact)
         columns = await self._read_columns(plan)
@@ -515,10 +726,33 @@ class Reader:
         end_us = to_epoch_us(end, "end")
         if start_us >= end_us:
             raise InvalidArgument(f"start={start!r} must be before end={end!r}")
+        args = (checked_symbol, start_us, end_us, width, checked_exchange)
         async with read_snapshot(self.engine) as raw:
-            rows = await raw.fetch(
-                RESAMPLE_SQL, checked_symbol, start_us, end_us, width, checked_exchange
-            )
+            entries = await self._catalog.dropped(raw, start_us, end_us, [checked_symbol])
+            lake = self._lake_for(entries)
+            if lake is None:
+                rows = await raw.fetch(RESAMPLE_SQL, *args)
+            else:
+                in_lake = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        lake_partials,
+                        lake,
+                        entries,
+                        checked_symbol,
+                        checked_exchange,
+                        start_us,
+                        end_us,
+                        width,
+                    )
+                )
+                try:
+                    stored = stored_partials(await raw.fetch(PARTIALS_SQL, *args))
+                    buckets = merge_partials(stored, await in_lake)
+                except BaseException:
+                    if not in_lake.done():
+                        _detach(in_lake)
+                    raise
+                rows = await finish(raw, buckets) if buckets else []
             if not rows:
                 await warn_other_case(raw, [checked_symbol])
         data = _rows_to_columns([dict(r) for r in rows], RESAMPLE_COLUMNS, False)
@@ -554,14 +788,14 @@ class _suppress_cancel:
         return exc_type is asyncio.CancelledError or isinstance(exc, Exception)
 
 
-_DETACHED: set[asyncio.Future[None]] = set()
+_DETACHED: set[asyncio.Future[Any]] = set()
 
 
-def _detach(task: asyncio.Future[None]) -> None:
+def _detach(task: asyncio.Future[Any]) -> None:
     """Let ``task`` finish on its own: keep it referenced, and its outcome retrieved."""
     _DETACHED.add(task)
 
-    def done(finished: asyncio.Future[None]) -> None:
+    def done(finished: asyncio.Future[Any]) -> None:
         _DETACHED.discard(finished)
         if not finished.cancelled():
             finished.exception()
@@ -579,3 +813,71 @@ async def _export_snapshot(raw: asyncpg.Connection) -> str | None:
         "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_export_snapshot() END"
     )
     return None if snapshot is None else str(snapshot)
+
+
+def _lake_blocks(lake: Lake, entries: Sequence[LakeRangeEntry], plan: _Plan) -> dict[str, _Block]:
+    """Each symbol's rows of ``plan`` that are in the lake (symbols with none left out)."""
+    out: dict[str, _Block] = {}
+    for symbol in plan.symbols:
+        refs = [
+            ref
+            for entry in entries
+            for ref in entry.files_of(symbol, plan.exchange, plan.start_us, plan.end_us)
+        ]
+        if refs:
+            block = _lake_block(lake, refs, plan, symbol, plan.start_us, plan.end_us)
+            if block.nrows:
+                out[symbol] = block
+    return out
+
+
+def _lake_block(
+    lake: Lake, refs: Sequence[LakeFileRef], plan: _Plan, symbol: str, start_us: int, end_us: int
+) -> _Block:
+    """The rows of ``refs`` in ``[start_us, end_us)`` as a block of ``plan``'s columns."""
+    table = read_lake_rows(lake, refs, plan.copy_columns, start_us, end_us)
+    return _Block(symbol, table.num_rows, decode_table(table, plan.copy_columns, plan.exact))
+
+
+def _merged(plan: _Plan, symbol: str, blocks: Sequence[_Block]) -> _Block:
+    """One symbol's blocks from both tiers as one block in (timestamp, id) order."""
+    blocks = [b for b in blocks if b.nrows] or list(blocks[:1])
+    if len(blocks) == 1:
+        return blocks[0]
+    kinds = dict(zip(plan.copy_columns, plan.kinds, strict=True))
+    columns = {
+        name: _concat([b.columns[name] for b in blocks], kinds[name], plan.exact)
+        for name in plan.copy_columns
+    }
+    stamps, ids = columns["timestamp"], columns["id"]
+    assert isinstance(stamps, np.ndarray) and isinstance(ids, np.ndarray)
+    order = sort_order(stamps, ids)
+    if order is not None:
+        columns = {name: _first_seen(_take(column, order)) for name, column in columns.items()}
+    return _Block(symbol, len(stamps), columns)
+
+
+def _first_seen(column: DecodedColumn) -> DecodedColumn:
+    """A text column's categories renumbered in order of first appearance, as decoding
+    PostgreSQL's rows numbers them (so merged tiers give the same categoricals)."""
+    if not isinstance(column, TextColumn) or not len(column.codes):
+        return column
+    present, first = np.unique(column.codes[column.codes >= 0], return_index=True)
+    seen = present[np.argsort(first)]
+    remap = np.full(len(column.categories) + 1, -1, dtype=np.int32)
+    remap[seen] = np.arange(len(seen), dtype=np.int32)
+    return TextColumn(remap[column.codes], tuple(column.categories[i] for i in seen))
+
+
+def _with_lake_blocks(
+    plan: _Plan, blocks: list[_Block], lake_blocks: Mapping[str, _Block]
+) -> list[_Block]:
+    """PostgreSQL's blocks (in symbol order) with each symbol's lake rows merged in."""
+    out: list[_Block] = []
+    for symbol in plan.symbols:
+        own = [b for b in blocks if b.symbol == symbol]
+        if symbol in lake_blocks:
+            out.append(_merged(plan, symbol, [*own, lake_blocks[symbol]]))
+        else:
+            out.extend(own)
+    return out

@@ -1,9 +1,11 @@
 """The one way a read touches the database: a pooled connection in a read-only snapshot.
 
-Every read runs in one ``REPEATABLE READ, READ ONLY`` transaction, so all its statements see
-the same rows. A database that lacks the table (never migrated, or the settings name another
-database) is told apart here from every other failure: it becomes one ``SchemaNotMigrated``
-naming the command that fixes it, instead of the driver's ``UndefinedTableError``.
+Every read runs in one ``REPEATABLE READ, READ ONLY`` transaction, so all its statements see the
+same rows, with the table locked ``ACCESS SHARE`` before the snapshot is taken (so the lake
+catalog and the partitions agree: see ``read.tiers``). A database that lacks the table (never
+migrated, or the settings name another database) is told apart here from every other failure: it
+becomes one ``SchemaNotMigrated`` naming the command that fixes it, instead of the driver's
+``UndefinedTableError``.
 """
 
 from __future__ import annotations
@@ -30,14 +32,36 @@ def schema_not_migrated(engine: AsyncEngine) -> SchemaNotMigrated:
     )
 
 
+#: The transaction, and the table locked ``ACCESS SHARE`` before any statement takes the
+#: snapshot, in one round trip: a partition detached and dropped by ``prune`` (with its range
+#: recorded as in the lake) is either gone in the snapshot's catalog or waits for the read.
+#: ``ONLY``: detaching locks the parent, so the parent suffices; locking every partition would
+#: take one lock per partition (hundreds) on every read.
+_BEGIN_SQL = (
+    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+    f" LOCK TABLE ONLY {OrderbookData.__tablename__} IN ACCESS SHARE MODE"
+)
+
+
 @contextlib.asynccontextmanager
 async def read_snapshot(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
     """The asyncpg connection of a pooled connection, inside a read-only snapshot
-    transaction that ends (and returns the connection) when the block does."""
+    transaction, the table locked (see ``_BEGIN_SQL``), that ends (and returns the
+    connection) when the block does. A connection that cannot be rolled back after a
+    failure is dropped from the pool instead of returned to it."""
     try:
         async with engine.connect() as conn:
             raw = await raw_connection(conn)
-            async with raw.transaction(isolation="repeatable_read", readonly=True):
+            try:
+                await raw.execute(_BEGIN_SQL)
                 yield raw
+            except BaseException:
+                try:
+                    await raw.execute("ROLLBACK")
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await conn.invalidate()
+                raise
+            await raw.execute("COMMIT")
     except asyncpg.UndefinedTableError:
         raise schema_not_migrated(engine) from None
