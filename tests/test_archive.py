@@ -230,32 +230,41 @@ async def test_rows_written_into_an_archived_partition_before_prune_are_not_lost
     assert first.rows == 1_002 and "XRPUSDT" in first.symbols and first.dropped_at
 
 
-async def test_prune_finishes_what_an_interrupted_prune_left_detached(
-    make_database: MakeDb, lake: Lake
+@pytest.mark.parametrize("cancel_at", ["archived ", "dropped orderbook_data_p20240101"])
+async def test_a_cancelled_prune_leaves_each_partition_whole_in_one_tier(
+    make_database: MakeDb, lake: Lake, cancel_at: str
 ) -> None:
-    url = await six_days(make_database)
-    before = await db_rows(url, 0, JAN_1_2024 + DAY_US)
+    url = await six_days(make_database, 60_000)
+    before = await db_rows(url, 0, JAN_1_2024 + 2 * DAY_US)
     async with engine_on(url) as engine:
-        await archive.archive(engine, lake, dt.date(2024, 1, 2))
-    # what a prune killed between its detach and its drop leaves (and a late row in it)
-    await execute(
-        url,
-        "BEGIN; ALTER TABLE orderbook_data DETACH PARTITION orderbook_data_p20240101; "
-        "UPDATE orderbook_lake_ranges SET dropped_at = now(); "
-        "INSERT INTO orderbook_data_p20240101 (id, symbol, timestamp, local_timestamp) "
-        f"VALUES (-1, 'BTCUSDT', {JAN_1_2024 + 1}, {JAN_1_2024 + 2}); COMMIT",
-    )
-    late = (-1, "binance-futures", "BTCUSDT", JAN_1_2024 + 1, JAN_1_2024 + 2)
-    lines: list[str] = []
+        lines: list[str] = []
+        task: asyncio.Task[partitions.PruneResult] | None = None
+
+        def say(line: str) -> None:
+            lines.append(line)
+            if line.startswith(cancel_at) and task is not None:
+                task.cancel()
+
+        task = asyncio.create_task(partitions.prune(engine, JAN_3, lake=lake, progress=say))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # each day is either still in PostgreSQL, or dropped, marked so, and whole in the lake
+    found = {(e.start_us, e.dropped_at is not None): e for e in await entries(url)}
+    for day in (0, 1):
+        start = JAN_1_2024 + day * DAY_US
+        stored = await db_rows(url, start, start + DAY_US)
+        wanted = [row for row in before if start <= row[3] < start + DAY_US]  # type: ignore[operator]
+        if (start, True) in found:
+            assert stored == []
+            assert lake_rows(lake, found[start, True].files) == wanted
+        else:
+            assert stored == wanted
+    assert (JAN_1_2024, True) in found or cancel_at == "archived "
+    # and the next prune finishes the job
     async with engine_on(url) as engine:
-        pruned = await partitions.prune(
-            engine, dt.date(2024, 1, 2), lake=lake, progress=lines.append
-        )
-    assert pruned.dropped == ["orderbook_data_p20240101"] and pruned.rows == 1_001
-    assert any(line.startswith("finishing the prune of orderbook_data_p20240101") for line in lines)
-    assert [row[:5] for row in lake_rows(lake)] == [late] + [row[:5] for row in before]
-    tables = await fetch(url, "SELECT to_regclass('orderbook_data_p20240101') IS NULL")
-    assert tables[0][0] is True
+        await partitions.prune(engine, JAN_3, lake=lake)
+    assert await db_rows(url, 0, JAN_1_2024 + 2 * DAY_US) == []
+    assert lake_rows(lake) == before
 
 
 async def test_prune_refuses_a_range_archived_in_another_lake(

@@ -22,7 +22,6 @@ nothing is locked when there is nothing to do.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
 from collections.abc import Callable, Sequence
@@ -510,6 +509,14 @@ async def prunable(
     return [p for p in await list_partitions(engine) if p.end_us is not None and p.end_us <= cutoff]
 
 
+#: Attempts to drop a partition whose rows keep changing after each archive of it.
+DROP_ATTEMPTS = 3
+
+
+class _Changed(Exception):
+    """The partition no longer matches its archive (rows arrived, a file went missing)."""
+
+
 async def prune(
     engine: AsyncEngine,
     older_than: dt.timedelta | dt.datetime | dt.date,
@@ -524,16 +531,18 @@ async def prune(
 
     With a ``lake`` (or ``archive_dir``, a local directory used as one), a partition is
     dropped only once its range is archived and verified there (``ops.archive``; archived
-    first if the catalog has no entry for it): it is detached and marked dropped in the
-    catalog in one transaction (reads then take the range from the lake), then checked
-    against its entry (rows and checksum); rows that arrived after the archive make it archive
-    the partition again before it is dropped. If anything fails it is attached again (the mark
-    cleared) and ``PartitionError`` says so. Without a lake the rows are gone for good, so
-    ``confirm=True`` is required. Symbols no row holds any more are taken off the list
-    ``latest()`` reads (``ops.symbols``). Rows arriving later for a dropped range land in the
-    default partition (and the next ``ensure`` gives them a partition again). ``progress`` is
-    called with one line per step. Detaching takes the table's lock briefly, once per
-    partition; archiving and checking read the partition while writers carry on.
+    first if the catalog has no entry for it). Then one transaction locks the partition
+    against inserts (``SHARE``: reads carry on), checks it against its entry (rows and
+    checksum) and the entry's files against the lake, and detaches and drops it and marks the
+    range dropped in the catalog (reads then take it from the lake): a read sees the rows in
+    PostgreSQL or in the lake, never in neither. Rows written into the partition after its
+    archive (or a missing file) roll that transaction back and the partition is archived
+    again, up to ``DROP_ATTEMPTS`` times. A failure or a kill leaves the partition as it was.
+    Without a lake the rows are gone for good, so ``confirm=True`` is required. Symbols no
+    row holds any more are taken off the list ``latest()`` reads (``ops.symbols``). Rows
+    arriving later for a dropped range land in the default partition (and the next
+    ``ensure`` gives them a partition again). ``progress`` is called with one line per step.
+    The table's lock is taken for the detach only, once per partition.
     """
     from orderbook_store.ops import archive
 
@@ -546,53 +555,16 @@ async def prune(
         )
     say = progress or (lambda _line: None)
     result = PruneResult()
-    if lake is not None:
-        await _finish_interrupted(engine, lake, result, say)
     for part in await prunable(engine, older_than, now=now):
-        assert part.start_us is not None and part.end_us is not None
-        if lake is not None:
-            await archive.archive_partition(
-                engine, lake, part.name, part.start_us, part.end_us, say
-            )
-            await _check_lake(engine, lake, part)
-        async with engine.begin() as conn:
-            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
-            still_attached = (
-                await conn.execute(
-                    text(
-                        "SELECT 1 FROM pg_inherits "
-                        "WHERE inhrelid = to_regclass(:name) AND inhparent = to_regclass(:table)"
-                    ),
-                    {"name": f'"{part.name}"', "table": TABLE},
-                )
-            ).first()
-            if still_attached is None:  # another prune run took it first
-                continue
-            await conn.execute(text(f'ALTER TABLE {TABLE} DETACH PARTITION "{part.name}"'))
-            if lake is not None:
-                await lake_catalog.mark_dropped(conn, part.start_us, part.end_us)
-        say(f"detached {part.name} ({_day_text(part)})")
-        try:
-            rows = await _count(engine, part.name)
-            if lake is not None:
-                files = await _reverify(engine, lake, part, say)
-                result.files.extend(lake.path(relative) for relative in files)
-        except Exception as exc:
-            await _reattach(engine, part, exc, lake is not None)
-            if isinstance(exc, PartitionError):
-                raise
-            raise PartitionError(
-                f"archiving {part.name} failed ({exc}); the partition is attached again, "
-                "nothing was dropped"
-            ) from exc
-        except BaseException as exc:  # cancelled or interrupted: put it back, then go
-            await asyncio.shield(_reattach(engine, part, exc, lake is not None))
-            raise
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP TABLE "{part.name}"'))
+        dropped = await _drop(engine, part, lake, say)
+        if dropped is None:  # another prune run took it first
+            continue
+        rows, files = dropped
         say(f"dropped {part.name} ({rows:,} rows)")
         result.dropped.append(part.name)
         result.rows += rows
+        if lake is not None:
+            result.files.extend(lake.path(relative) for relative in files)
     if result.dropped:
         result.forgotten = await forget_unstored_symbols(engine) or []
         if result.forgotten:
@@ -600,118 +572,76 @@ async def prune(
     return result
 
 
-#: Partitions an interrupted prune left detached: marked dropped, the table still there.
-_INTERRUPTED_SQL = f"""
-SELECT e.partition_name, e.start_us, e.end_us
-FROM {lake_catalog.CATALOG} e
-JOIN pg_class c ON c.relname = e.partition_name
-    AND c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
-WHERE e.dropped_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
-ORDER BY e.start_us
-"""
+async def _drop(
+    engine: AsyncEngine, part: PartitionInfo, lake: Lake | None, say: Callable[[str], None]
+) -> tuple[int, list[str]] | None:
+    """Archive (with a lake), check and drop one partition: its rows and lake files, or
+    ``None`` when it is no longer attached."""
+    from orderbook_store.ops import archive
 
-
-async def _finish_interrupted(
-    engine: AsyncEngine, lake: Lake, result: PruneResult, say: Callable[[str], None]
-) -> None:
-    """Finish what a killed prune left: a partition detached and marked dropped, not dropped.
-
-    Its rows are checked against the lake once more (archived again if they differ), then it
-    is dropped, as the killed run would have done."""
-    async with engine.connect() as conn:
-        found = (await conn.execute(text(_INTERRUPTED_SQL))).all()
-    for name, start_us, end_us in found:
-        part = PartitionInfo(str(name), int(start_us), int(end_us), None, 0)
-        await _check_lake(engine, lake, part)
-        say(f"finishing the prune of {part.name} ({_day_text(part)}), left detached")
-        rows = await _count(engine, part.name)
-        files = await _reverify(engine, lake, part, say)
-        result.files.extend(lake.path(relative) for relative in files)
-        async with engine.begin() as conn:
-            await conn.execute(text(f'DROP TABLE "{part.name}"'))
-        say(f"dropped {part.name} ({rows:,} rows)")
-        result.dropped.append(part.name)
-        result.rows += rows
-
-
-async def _check_lake(engine: AsyncEngine, lake: Lake, part: PartitionInfo) -> None:
-    """``PartitionError`` unless ``part``'s range is archived in ``lake`` (not another one)."""
     assert part.start_us is not None and part.end_us is not None
-    async with engine.connect() as conn:
-        entry = await lake_catalog.entry_for(conn, part.start_us, part.end_us)
-    if entry is not None and entry.lake_url != lake.url:
-        raise PartitionError(
-            f"{part.name} is archived in the lake {entry.lake_url!r}, not in {lake.url!r}: "
-            "point LAKE_URL at that lake to prune it; nothing was dropped"
-        )
+    replace = False
+    for _ in range(DROP_ATTEMPTS):
+        if lake is not None:
+            await archive.archive_partition(
+                engine, lake, part.name, part.start_us, part.end_us, say, replace=replace
+            )
+        try:
+            async with engine.begin() as conn:
+                return await _check_and_drop(conn, part, lake)
+        except _Changed as changed:
+            say(f"{part.name}: {changed}; archiving it again")
+            replace = True
+    raise PartitionError(
+        f"{part.name} changed after each of {DROP_ATTEMPTS} archives of it (rows keep arriving "
+        "for its range); nothing was dropped, run prune again later"
+    )
 
 
-async def _reverify(
-    engine: AsyncEngine, lake: Lake, part: PartitionInfo, say: Callable[[str], None]
-) -> list[str]:
-    """The detached partition checked against its catalog entry (rows and checksum) and the
-    entry's files against the lake (all there); archived again when rows arrived after its
-    archive or a file went missing. Returns the entry's files."""
+async def _check_and_drop(
+    conn: AsyncConnection, part: PartitionInfo, lake: Lake | None
+) -> tuple[int, list[str]] | None:
+    """The transaction of ``_drop``: ``_Changed`` (rolled back) when the partition no longer
+    matches its archive."""
     from orderbook_store.files.lake_checksum import Totals, totals_sql
     from orderbook_store.ops import archive
 
     assert part.start_us is not None and part.end_us is not None
-    async with engine.connect() as conn:
-        entry = await lake_catalog.entry_for(conn, part.start_us, part.end_us)
-        row = (await conn.execute(text(totals_sql(f'"{part.name}"')))).one()
-    now = Totals.from_row(row)
-    if entry is not None and (entry.rows, entry.checksum) == (now.rows, now.digest()):
-        missing = archive.missing_files(lake, entry.files)
-        if not missing:
-            return entry.files
-        say(f"{part.name}: {len(missing)} of its lake files are gone: archiving it again")
+    await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
+    still_attached = (
+        await conn.execute(
+            text(
+                "SELECT 1 FROM pg_inherits "
+                "WHERE inhrelid = to_regclass(:name) AND inhparent = to_regclass(:table)"
+            ),
+            {"name": f'"{part.name}"', "table": TABLE},
+        )
+    ).first()
+    if still_attached is None:
+        return None
+    # No insert into it from here on; reads carry on until the detach.
+    await conn.execute(text(f'LOCK TABLE "{part.name}" IN SHARE MODE'))
+    files: list[str] = []
+    if lake is None:
+        rows = int((await conn.execute(text(f'SELECT count(*) FROM "{part.name}"'))).scalar_one())
     else:
-        say(
-            f"{part.name} holds {now.rows:,} rows, its archive "
-            f"{'none' if entry is None else f'{entry.rows:,}'}: archiving it again"
-        )
-    done = await archive.archive_partition(
-        engine, lake, part.name, part.start_us, part.end_us, say, replace=True
-    )
-    assert done is not None
-    if (done.rows, done.checksum) != (now.rows, now.digest()):
-        raise PartitionError(
-            f"{part.name} changed while detached ({now.rows:,} rows, then {done.rows:,}); "
-            "nothing was dropped"
-        )
-    return done.files
-
-
-def _day_text(part: PartitionInfo) -> str:
-    start, end = part.start, part.end
-    if start is None or end is None:
-        return "default"
-    return f"{start:%Y-%m-%d} .. {end:%Y-%m-%d}"
-
-
-async def _count(engine: AsyncEngine, name: str) -> int:
-    async with engine.connect() as conn:
-        return int((await conn.execute(text(f'SELECT count(*) FROM "{name}"'))).scalar_one())
-
-
-async def _reattach(
-    engine: AsyncEngine, part: PartitionInfo, cause: BaseException, archived: bool = False
-) -> None:
-    """Put a detached partition back; if even that fails, say exactly what is left to do."""
-    attach = (
-        f'ALTER TABLE {TABLE} ATTACH PARTITION "{part.name}" '
-        f"FOR VALUES FROM ({part.start_us}) TO ({part.end_us})"
-    )
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
-            await conn.execute(text(attach))
-            if archived:
-                assert part.start_us is not None and part.end_us is not None
-                await lake_catalog.clear_dropped(conn, part.start_us, part.end_us)
-    except Exception as exc:
-        raise PartitionError(
-            f"archiving {part.name} failed ({cause}) and attaching it again failed too ({exc}); "
-            f"its rows are safe in table {part.name}, outside {TABLE}: once the default "
-            f"partition holds no rows of {_day_text(part)} (run ensure), run: {attach}"
-        ) from exc
+        entry = await lake_catalog.entry_for(conn, part.start_us, part.end_us)
+        if entry is None:
+            raise _Changed("it has no archive")
+        if entry.lake_url != lake.url:
+            raise PartitionError(
+                f"{part.name} is archived in the lake {entry.lake_url!r}, not in {lake.url!r}: "
+                "point LAKE_URL at that lake to prune it; nothing was dropped"
+            )
+        now = Totals.from_row((await conn.execute(text(totals_sql(f'"{part.name}"')))).one())
+        if (now.rows, now.digest()) != (entry.rows, entry.checksum):
+            raise _Changed(f"it holds {now.rows:,} rows, its archive {entry.rows:,}")
+        missing = archive.missing_files(lake, entry.files)
+        if missing:
+            raise _Changed(f"{len(missing)} of its lake files are gone")
+        rows, files = now.rows, entry.files
+    await conn.execute(text(f'ALTER TABLE {TABLE} DETACH PARTITION "{part.name}"'))
+    await conn.execute(text(f'DROP TABLE "{part.name}"'))
+    if lake is not None:
+        await lake_catalog.mark_dropped(conn, part.start_us, part.end_us)
+    return rows, files
