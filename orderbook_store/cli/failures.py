@@ -44,19 +44,19 @@ def current_settings() -> Settings | None:
 
 
 def secrets_of(settings: Settings | None) -> list[str]:
-    """Every secret ``settings`` holds (the primary's and the read node's passwords, the
-    lake's secret key)."""
+    """Every secret ``settings`` holds: the primary's and the read node's passwords, and the
+    lake's secret key."""
     if settings is None:
         return []
     found = [settings.password.get_secret_value() if settings.password else ""]
+    if settings.lake_secret_access_key is not None:
+        found.append(settings.lake_secret_access_key.get_secret_value())
     try:
         replica = settings.read_settings()
     except OrderbookStoreError:
         replica = None
     if replica is not None and replica.password is not None:
         found.append(replica.password.get_secret_value())
-    if settings.lake_secret_access_key is not None:
-        found.append(settings.lake_secret_access_key.get_secret_value())
     return [secret for secret in found if secret]
 
 

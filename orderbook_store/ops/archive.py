@@ -361,9 +361,8 @@ async def _write_group(raw: Any, lake: Lake, relation: str, group: FileGroup, re
 
 
 def _remove_stale_temporaries(lake: Lake, relative: str) -> None:
-    """A killed run's hidden temporary file of the same name (ours: we hold the range's lock)."""
-    if not lake.is_local:
-        return
+    """A killed run's hidden temporary files of the same name (ours: we hold the range's
+    lock); one listing of the file's own directory."""
     from pyarrow import fs
 
     directory, _, name = lake.path(relative).rpartition("/")
