@@ -20,7 +20,9 @@ from orderbook_store.ops.restore import restore
 
 from catalog import execute
 
-#: The lake each test runs against (a fixture over [directory, S3 server] replaces this one).
+#: The lake each test runs against: a directory (drop these two lines for the shared
+#: fixtures over [directory, S3 server]).
+lake_config = local_lake.lake_config
 lake = local_lake.lake
 
 MakeDb = Callable[[], str]
