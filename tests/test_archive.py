@@ -82,7 +82,8 @@ def lake_names(lake: Lake) -> list[str]:
     """Every file's name in the lake (hidden ones too), from one listing of the filesystem."""
     from pyarrow import fs
 
-    found = lake.filesystem.get_file_info(fs.FileSelector(lake.root, recursive=True))
+    selector = fs.FileSelector(lake.root, recursive=True, allow_not_found=True)
+    found = lake.filesystem.get_file_info(selector)
     return [info.base_name for info in found if info.type == fs.FileType.File]
 
 
