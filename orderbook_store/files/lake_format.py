@@ -130,18 +130,40 @@ class LakeFile:
         )
         self.schema = file_schema()
         self.rows = 0
+        self._pending: list[Any] = []
+        self._pending_rows = 0
         self._writer = pq.ParquetWriter(
             self._temporary, self.schema, filesystem=lake.filesystem, **writer_options()
         )
 
     def write(self, table: Any) -> None:
-        """Append rows; rows are cast to the format's types first (names must match)."""
+        """Append rows; rows are cast to the format's types first (names must match).
+
+        Rows are held until a whole row group of ``ROW_GROUP_ROWS`` is there (or ``commit``),
+        so many small writes still make full row groups.
+        """
         table = table.select(list(FILE_COLUMNS)).cast(self.schema)
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
         self.rows += table.num_rows
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush(whole_groups_only=True)
+
+    def _flush(self, *, whole_groups_only: bool) -> None:
+        import pyarrow as pa
+
+        pending = pa.concat_tables(self._pending)
+        keep = pending.num_rows % ROW_GROUP_ROWS if whole_groups_only else 0
+        ready = pending.slice(0, pending.num_rows - keep)
+        if ready.num_rows:
+            self._writer.write_table(ready, row_group_size=ROW_GROUP_ROWS)
+        self._pending = [pending.slice(pending.num_rows - keep)] if keep else []
+        self._pending_rows = keep
 
     def commit(self) -> str:
         """Close the file and give it its final name; returns its path relative to the root."""
+        if self._pending:
+            self._flush(whole_groups_only=False)
         self._writer.close()
         if self._temporary != self.path:
             self.lake.filesystem.move(self._temporary, self.path)
