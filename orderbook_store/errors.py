@@ -86,6 +86,13 @@ class SchemaNotMigrated(OrderbookStoreError):
     another database). The message names the database and the command that fixes it."""
 
 
+class LakeUnavailable(OrderbookStoreError, OSError):
+    """The lake (``LAKE_URL`` or an export's directory) could not be listed, read or written:
+    a missing bucket, a refused key, an unreachable endpoint, a directory without write
+    permission. The message names the lake's printable URL, the store's words and what to
+    check; never the secret key."""
+
+
 class SymbolCaseWarning(UserWarning):
     """A read found nothing for a symbol that is stored under another spelling (symbols are
     case-sensitive: ``btcusdt`` is not ``BTCUSDT``). The message names the stored spelling."""

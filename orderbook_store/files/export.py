@@ -24,11 +24,12 @@ so memory stays at about one row group per exchange whatever the range.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -40,13 +41,20 @@ import pyarrow.csv as pacsv
 from pyarrow import fs
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orderbook_store.errors import ConfigError
+from orderbook_store.errors import ConfigError, LakeUnavailable
 from orderbook_store.files.lake_format import LakeFile, day_bounds, day_dir, day_of_us, file_name
 from orderbook_store.files.lake_store import Lake
 from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
 
-__all__ = ["ExportSummary", "check_overlaps", "export_parquet", "location"]
+__all__ = [
+    "ExportSummary",
+    "check_overlaps",
+    "directory_lake",
+    "export_parquet",
+    "lake_errors",
+    "location",
+]
 
 #: Rows fetched per query: one hour of one symbol.
 WINDOW_US: Final = 3_600_000_000
@@ -108,6 +116,25 @@ def directory_lake(out: Path) -> Lake:
     """A local directory as a lake (created if missing), as ``--out DIR`` names one."""
     out.mkdir(parents=True, exist_ok=True)
     return Lake(url=str(out), root=out.resolve().as_posix(), filesystem=fs.LocalFileSystem())
+
+
+@contextlib.contextmanager
+def lake_errors(lake: Lake) -> Iterator[None]:
+    """Turn the filesystem's ``OSError`` into ``LakeUnavailable`` naming the lake and the fix."""
+    try:
+        yield
+    except LakeUnavailable:
+        raise
+    except OSError as exc:
+        said = str(exc).strip().splitlines()
+        detail = said[0] if said else type(exc).__name__
+        check = (
+            "check that the directory can be written"
+            if lake.is_local
+            else "check LAKE_URL (the bucket must exist), LAKE_ENDPOINT_URL, LAKE_REGION and "
+            "the key (LAKE_ACCESS_KEY_ID, LAKE_SECRET_ACCESS_KEY)"
+        )
+        raise LakeUnavailable(f"the lake {lake.url} cannot be used ({detail}): {check}") from exc
 
 
 def _symbol_files(lake: Lake, symbol: str) -> list[str]:
@@ -196,7 +223,8 @@ async def export_parquet(
     """
     started = time.perf_counter()
     lake = directory_lake(out) if isinstance(out, Path) else out
-    check_overlaps(lake, symbol, start_us, end_us)
+    with lake_errors(lake):
+        check_overlaps(lake, symbol, start_us, end_us)
     summary = ExportSummary()
     day_files: _DayFiles | None = None
     low = start_us
@@ -212,7 +240,8 @@ async def export_parquet(
                 day = day_of_us(found)
                 if day_files is None or day_files.day != day:
                     if day_files is not None:
-                        day_files.finish()
+                        with lake_errors(lake):
+                            day_files.finish()
                     day_files = _DayFiles(lake, symbol, day, day_bounds(day, start_us, end_us))
                 sink = io.BytesIO()
                 await raw.copy_from_query(
@@ -222,14 +251,16 @@ async def export_parquet(
                 if not sink.tell():
                     continue
                 rows = _parse(sink.getvalue())
-                for exchange in pc.unique(rows.column("exchange")).to_pylist():
-                    part = rows.filter(pc.equal(rows.column("exchange"), exchange))
-                    day_files.write(exchange, part, summary)
+                with lake_errors(lake):
+                    for exchange in pc.unique(rows.column("exchange")).to_pylist():
+                        part = rows.filter(pc.equal(rows.column("exchange"), exchange))
+                        day_files.write(exchange, part, summary)
                 summary.rows += rows.num_rows
                 if on_rows is not None:
                     on_rows(rows.num_rows)
         if day_files is not None:
-            day_files.finish()
+            with lake_errors(lake):
+                day_files.finish()
     except BaseException:
         if day_files is not None:
             day_files.abandon()
