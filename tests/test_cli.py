@@ -467,7 +467,7 @@ def test_the_lakes_secret_key_never_appears_in_export_output(
         *debug,
         "export",
         *span,
-        **{**lake, "LAKE_URL": "s3://b/q", "LAKE_ENDPOINT_URL": "ftp://" + secret},
+        **{**lake, "LAKE_URL": "s3://bucket/q", "LAKE_ENDPOINT_URL": "ftp://" + secret},
     )
 
     assert missing.returncode != 0 and "no-such-bucket" in missing.stderr
