@@ -344,6 +344,38 @@ def test_time_arguments_are_utc_dates_times_or_microseconds() -> None:
         parse_time_us("yesterday")
 
 
+async def test_an_export_into_the_lake_never_replaces_a_file_the_catalog_records(
+    engine: AsyncEngine, real_quotes_path: Path, tmp_path: Path, lake: Lake
+) -> None:
+    await import_paths(engine, [real_quotes_path], quarantine=tmp_path / "q.csv")
+    await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=NEXT_DAY, out=lake)
+    with lake.filesystem.open_input_file(lake.path(PART)) as handle:
+        archived = handle.read()
+    async with engine.begin() as conn:  # as `archive` records a verified day
+        await conn.execute(
+            text(
+                "INSERT INTO orderbook_lake_ranges (partition_name, start_us, end_us, symbols, "
+                "rows, checksum, files, format_version, lake_url, dropped_at) VALUES "
+                "('orderbook_data_p20200222', :start, :end, ARRAY['BTCUSDT'], 9999, :sum, "
+                ":files, 1, :url, now())"
+            ),
+            {"start": DAY, "end": NEXT_DAY, "sum": "0" * 64, "files": [PART], "url": lake.url},
+        )
+        await conn.execute(text("DELETE FROM orderbook_data WHERE id % 2 = 0"))  # pruned, mostly
+
+    with pytest.raises(ConfigError, match="archived file in the lake's catalog"):
+        await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=NEXT_DAY, out=lake)
+    with pytest.raises(ConfigError, match="overlaps"):
+        await export_parquet(engine, symbol="BTCUSDT", start_us=DAY, end_us=DAY + 1, out=lake)
+
+    with lake.filesystem.open_input_file(lake.path(PART)) as handle:
+        assert handle.read() == archived
+    elsewhere = await export_parquet(  # a directory of one's own is not the catalog's
+        engine, symbol="BTCUSDT", start_us=DAY, end_us=NEXT_DAY, out=tmp_path / "mine"
+    )
+    assert elsewhere.rows == len(await rows_of(engine)) < 9999
+
+
 async def test_adjacent_exports_add_files_and_an_overlapping_one_is_refused(
     engine: AsyncEngine, real_quotes_path: Path, tmp_path: Path, lake: Lake
 ) -> None:

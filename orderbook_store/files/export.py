@@ -14,7 +14,9 @@ The target is a directory (``--out``) or the configured lake (``LAKE_URL``: a di
 never lose or double rows: exporting the same range again replaces its files; exporting an
 adjacent range adds files beside them; a range that partly overlaps what the tree already
 holds for a date is refused (``ConfigError``) before anything is written. Only the symbol's
-own directories are listed for that check, never the whole bucket. A file is complete or
+own directories are listed for that check, never the whole bucket. Into the lake, a file
+that the lake's catalog (``orderbook_lake_ranges``) records is never replaced: once its
+partition is pruned it is the only copy of its rows. A file is complete or
 absent (``LakeFile``), so an interrupted export leaves no partial file for a reader to find.
 
 The rows leave the server as ``COPY ... TO STDOUT (FORMAT csv)`` one hour at a time (index
@@ -44,11 +46,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from orderbook_store.errors import ConfigError, LakeUnavailable
 from orderbook_store.files.lake_format import LakeFile, day_bounds, day_dir, day_of_us, file_name
 from orderbook_store.files.lake_store import Lake
-from orderbook_store.models import DECIMAL_COLUMNS, OrderbookData, arrow_schema
+from orderbook_store.models import DECIMAL_COLUMNS, LakeRange, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
 
 __all__ = [
     "ExportSummary",
+    "check_archived",
     "check_overlaps",
     "directory_lake",
     "export_parquet",
@@ -83,6 +86,10 @@ _CSV_CONVERT: Final = pacsv.ConvertOptions(
     quoted_strings_can_be_null=False,
 )
 _TABLE: Final = OrderbookData.__tablename__
+_ARCHIVED: Final = (
+    f"SELECT file FROM {LakeRange.__tablename__}, unnest(files) AS file"
+    " WHERE start_us < $2 AND end_us > $1"
+)
 _NEXT: Final = (
     f"SELECT min(timestamp) FROM {_TABLE} WHERE symbol = $1 AND timestamp >= $2 AND timestamp < $3"
 )
@@ -173,6 +180,26 @@ def check_overlaps(lake: Lake, symbol: str, start_us: int, end_us: int) -> None:
             )
 
 
+def check_archived(
+    lake: Lake, archived: list[str], symbol: str, start_us: int, end_us: int
+) -> None:
+    """Refuse to replace a file the lake's catalog records (``archived``: relative paths):
+    after ``prune`` it may be the only copy of its rows, and an export holds only what
+    PostgreSQL still has."""
+    marker = f"/symbol={quote(symbol, safe='')}/"
+    for relative in archived:
+        found = _PART.search(relative)
+        if found is None or marker not in f"/{relative}":
+            continue
+        day = dt.date.fromisoformat(found.group(1))
+        if (int(found.group(2)), int(found.group(3))) == day_bounds(day, start_us, end_us):
+            raise ConfigError(
+                f"export: {location(lake, relative)} is an archived file in the lake's catalog "
+                "(written and verified by `archive`); an export would replace it with only the "
+                "rows PostgreSQL still holds. Export elsewhere with --out"
+            )
+
+
 def _parse(data: bytes) -> pa.Table:
     return pacsv.read_csv(
         io.BytesIO(data),
@@ -219,18 +246,22 @@ async def export_parquet(
 
     Returns the rows and files written. Costs two indexed range queries per hour that has
     data; empty stretches cost one query each, however long. Raises ``ConfigError`` for a
-    range that partly overlaps files already there.
+    range that partly overlaps files already there, or (into a ``Lake``) that would replace a
+    file the lake's catalog records; ``LakeUnavailable`` when the lake cannot be used.
     """
     started = time.perf_counter()
     lake = directory_lake(out) if isinstance(out, Path) else out
-    with lake_errors(lake):
-        check_overlaps(lake, symbol, start_us, end_us)
     summary = ExportSummary()
     day_files: _DayFiles | None = None
     low = start_us
     try:
         async with engine.connect() as conn:
             raw = await raw_connection(conn)
+            if not isinstance(out, Path):  # the lake: archive's files are not export's to replace
+                archived = [row[0] for row in await raw.fetch(_ARCHIVED, start_us, end_us)]
+                check_archived(lake, archived, symbol, start_us, end_us)
+            with lake_errors(lake):
+                check_overlaps(lake, symbol, start_us, end_us)
             while low < end_us:
                 # Jump over empty stretches: the next quote decides the next window.
                 found = await raw.fetchval(_NEXT, symbol, low, end_us)
