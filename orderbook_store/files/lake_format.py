@@ -15,7 +15,7 @@ Each file holds ``FILE_COLUMNS``, typed from the model (``models.arrow_schema``)
 file restores every column of its rows. Rows are in (``timestamp``, ``id``) order, in row
 groups of ``ROW_GROUP_ROWS`` with statistics, so a reader of a time range skips whole row
 groups. Compression is zstd; the rising integers and times are delta-encoded and the decimals
-dictionary-encoded, which brings a real quote to about 12 bytes (``docs/lake-format.md``).
+dictionary-encoded, which brings a real quote to under 10 bytes (``docs/lake-format.md``).
 The schema metadata carries ``FORMAT_KEY: FORMAT_VERSION``.
 
 A file is complete or absent: on a local disk it is written under a hidden name (pyarrow,
