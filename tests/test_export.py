@@ -165,6 +165,36 @@ def test_a_lake_file_makes_whole_row_groups_from_small_writes(tmp_path: Path) ->
     assert pq.read_table(tmp_path / "x").column("id").to_pylist() == list(range(rows))
 
 
+def test_a_lake_file_is_invisible_until_committed_and_abandoning_keeps_the_old_one(
+    lake: Lake,
+) -> None:
+    ids = pa.array(range(1_000), pa.int64())
+    table = pa.table(
+        {
+            "timestamp": ids,
+            "local_timestamp": ids,
+            **{name: pa.array([Decimal("2.5")] * 1_000) for name in FILE_COLUMNS[2:6]},
+            "id": ids,
+            "created_at": ids,
+        }
+    )
+    first = LakeFile(lake, "d/part-0-1.parquet")
+    first.write(table)
+    visible = [f for f in lake_files(lake) if not f.rpartition("/")[2].startswith(".")]
+    assert visible == []  # nothing a dataset or a *.parquet glob would take
+    first.commit()
+    with lake.filesystem.open_input_file(lake.path("d/part-0-1.parquet")) as handle:
+        committed = handle.read()
+
+    again = LakeFile(lake, "d/part-0-1.parquet")  # the same range again, then a failure
+    again.write(table.slice(0, 10))
+    again.abandon()
+
+    assert lake_files(lake) == ["d/part-0-1.parquet"]
+    with lake.filesystem.open_input_file(lake.path("d/part-0-1.parquet")) as handle:
+        assert handle.read() == committed
+
+
 async def test_an_export_imports_into_an_empty_database_exactly_with_new_ids(
     engine: AsyncEngine, real_quotes_path: Path, tmp_path: Path, make_database: Callable[[], str]
 ) -> None:

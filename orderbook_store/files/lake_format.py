@@ -18,9 +18,12 @@ groups. Compression is zstd; the rising integers and times are delta-encoded and
 dictionary-encoded, which brings a real quote to under 10 bytes (``docs/lake-format.md``).
 The schema metadata carries ``FORMAT_KEY: FORMAT_VERSION``.
 
-A file is complete or absent: on a local disk it is written under a hidden name (pyarrow,
-DuckDB and Spark skip names starting with ``.``) and renamed; on S3 the object only appears
-when its upload completes.
+A file is complete or absent: it is written under a hidden name (``.part-....tmp``: pyarrow
+and Spark skip names starting with ``.``, a ``*.parquet`` glob does not match it) and moved to
+its final name when complete: a rename on a local disk, a server-side copy on S3. So a failed
+write never shows a partial file, nor removes the file an earlier write of the same range
+left there. (A run killed mid-write on S3 can leave a hidden ``.tmp`` object or an unfinished
+multipart upload, which no reader sees; a bucket lifecycle rule clears the latter.)
 """
 
 from __future__ import annotations
@@ -125,9 +128,7 @@ class LakeFile:
         self.path = lake.path(relative_path)
         directory, _, name = self.path.rpartition("/")
         lake.filesystem.create_dir(directory, recursive=True)
-        self._temporary = (
-            f"{directory}/.{name}.{uuid.uuid4().hex}.tmp" if lake.is_local else self.path
-        )
+        self._temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
         self.schema = file_schema()
         self.rows = 0
         self._pending: list[Any] = []
@@ -165,8 +166,7 @@ class LakeFile:
         if self._pending:
             self._flush(whole_groups_only=False)
         self._writer.close()
-        if self._temporary != self.path:
-            self.lake.filesystem.move(self._temporary, self.path)
+        self.lake.filesystem.move(self._temporary, self.path)
         return self.relative_path
 
     def abandon(self) -> None:
