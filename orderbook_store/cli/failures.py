@@ -44,10 +44,13 @@ def current_settings() -> Settings | None:
 
 
 def secrets_of(settings: Settings | None) -> list[str]:
-    """Every password ``settings`` holds (the primary's and the read node's)."""
+    """Every secret ``settings`` holds: the primary's and the read node's passwords, and the
+    lake's secret key."""
     if settings is None:
         return []
     found = [settings.password.get_secret_value() if settings.password else ""]
+    if settings.lake_secret_access_key is not None:
+        found.append(settings.lake_secret_access_key.get_secret_value())
     try:
         replica = settings.read_settings()
     except OrderbookStoreError:
