@@ -86,7 +86,14 @@ class SchemaNotMigrated(OrderbookStoreError):
     another database). The message names the database and the command that fixes it."""
 
 
-class LakeUnreadable(OrderbookStoreError, OSError):
+class LakeUnavailable(OrderbookStoreError, OSError):
+    """The lake (``LAKE_URL`` or an export's directory) could not be listed, read or written:
+    a missing bucket, a refused key, an unreachable endpoint, a directory without write
+    permission. The message names the lake's printable URL, the store's words and what to
+    check; never the secret key."""
+
+
+class LakeUnreadable(LakeUnavailable):
     """A file the lake's catalog names for a read could not be read (missing, unreachable
     store, refused key). The message names the lake (``LAKE_URL``, no secret) and the file;
     the read returns nothing rather than fewer rows."""

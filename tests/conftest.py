@@ -25,6 +25,7 @@ from orderbook_store.ops import migrations
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
+from lakes import lake, lake_config, s3  # noqa: F401  (fixtures for every test file)
 from pgserver import create_scratch_database, drop_database, find_server, listening
 
 DATA = Path(__file__).parent / "data"

@@ -1,8 +1,8 @@
 """Archiving to the lake: every row of a closed partition in its files, verified, recorded once.
 
-Each test gets its own database (``make_database``) and lake (the ``lake`` fixture of
-``local_lake``: a directory; a fixture over [directory, S3 server] drops in by changing its
-import). The killed run is a separate process, killed as an operator's ^C or an OOM would.
+Each test gets its own database (``make_database``) and runs on each lake of the shared
+``lake`` fixture (``tests/lakes.py``: a local directory and a bucket on the S3 server the tests
+start). The killed run is a separate process, killed as an operator's ^C or an OOM would.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
-import local_lake
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
@@ -31,11 +30,7 @@ from orderbook_store.files.lake_store import Lake
 from orderbook_store.ops import archive, lake_catalog, partitions
 
 from catalog import execute
-
-#: The lake each test runs against: a directory (drop these two lines for the shared
-#: fixtures over [directory, S3 server]).
-lake_config = local_lake.lake_config
-lake = local_lake.lake
+from lakes import LakeConfig
 
 MakeDb = Callable[[], str]
 PROJECT = Path(__file__).resolve().parent.parent
@@ -313,7 +308,7 @@ asyncio.run(main())
 
 
 async def test_a_killed_archive_records_nothing_and_a_rerun_completes(
-    make_database: MakeDb, lake: Lake, lake_config: local_lake.LocalLakeConfig
+    make_database: MakeDb, lake: Lake, lake_config: LakeConfig
 ) -> None:
     url = await at_head(make_database)
     async with engine_on(url) as engine:

@@ -24,7 +24,9 @@ from orderbook_store.cli import app
 from orderbook_store.ops import migrations
 from orderbook_store.settings import Settings
 
+from lakes import LakeConfig
 from pgserver import admin_execute
+from s3server import S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +43,13 @@ MakeDb = Callable[[], str]
 def run(
     *args: str, url: str | None, cwd: Path, **variables: str
 ) -> subprocess.CompletedProcess[str]:
-    """The console script with ``args``, ``DATABASE_URL=url`` and nothing else configured."""
+    """The console script with ``args``, ``DATABASE_URL=url`` and nothing else configured
+    (no ``DB_*``, ``PG*`` or ``LAKE_*`` of the developer's)."""
     assert ENTRY_POINT.exists(), f"no console script at {ENTRY_POINT}: pip install -e ."
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("DB_", "PG")) and k != "DATABASE_URL"
+        if not k.startswith(("DB_", "PG", "LAKE_")) and k != "DATABASE_URL"
     }
     if url is not None:
         env["DATABASE_URL"] = url
@@ -420,7 +423,9 @@ def test_partitions_ensure_since_creates_a_backfill_s_days(migrated: str, tmp_pa
     assert "partitions dropped" in ok(cli("partitions", "prune", "--older-than", "7d", "--yes"))
 
 
-def test_archive_prune_and_restore_with_a_lake(migrated: str, tmp_path: Path) -> None:
+def test_archive_prune_and_restore_with_a_lake(
+    migrated: str, tmp_path: Path, lake_config: LakeConfig
+) -> None:
     cli = on(migrated, tmp_path)
     today = dt.datetime.now(dt.timezone.utc).date()
     old = today - dt.timedelta(days=20)
@@ -437,11 +442,12 @@ def test_archive_prune_and_restore_with_a_lake(migrated: str, tmp_path: Path) ->
             )
         )
     first = f"orderbook_data_p{old:%Y%m%d}"
-    lake = {"LAKE_URL": str(tmp_path / "lake")}
+    lake = lake_config.env
 
     unset = cli("archive", "--older-than", "15d")
     assert unset.returncode != 0 and "LAKE_URL" in one_line(unset)
     archived = cli("archive", "--older-than", "15d", "--json", **lake)
+    assert lake_config.values.get("lake_secret_access_key", "-") not in archived.stderr
     document = json.loads(ok(archived))
     assert document["rows"] == 500 and first in [a["name"] for a in document["archived"]]
     assert f"archived {first}: 500 rows, 1 files" in archived.stderr
@@ -474,6 +480,68 @@ def test_archive_prune_and_restore_with_a_lake(migrated: str, tmp_path: Path) ->
     assert f"orderbook_data_p{recent:%Y%m%d}" in failed.stdout + failed.stderr
     for result in (failed, cli("--debug", "archive", "--older-than", "1d", "--json", **s3)):
         assert secret not in result.stdout + result.stderr
+
+
+def test_export_without_out_goes_to_the_lake_lake_url_names(
+    migrated: str, tmp_path: Path, lake_config: LakeConfig
+) -> None:
+    cli = on(migrated, tmp_path)
+    ok(cli("import", str(REAL_QUOTES), "--quiet"))
+    span = ["--symbol", "BTCUSDT", "--start", "2020-02-22", "--end", "2020-02-23"]
+    line = one_line(cli("export", *span))
+    assert "--out" in line and "LAKE_URL" in line
+
+    exported = cli("export", *span, "--json", **lake_config.env)
+    said = cli("export", *span, **lake_config.env)
+
+    document = json.loads(ok(exported))
+    assert document["rows"] == 9999
+    lake = lake_config.open()
+    name = "exchange=binance-futures/symbol=BTCUSDT/date=2020-02-22/part-"
+    assert [f.removeprefix("s3://") for f in document["files"]] == [
+        lake.path(name + "1582329600000000-1582416000000000.parquet")
+    ]
+    assert document["files"][0].startswith("/" if lake.is_local else "s3://")
+    assert f"exported 9,999 rows into 1 files under {lake.url}" in " ".join(ok(said).split())
+    secret = lake_config.values.get("lake_secret_access_key")
+    if secret is not None:
+        for result in (exported, said):
+            assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]], ids=["plain", "debug"])
+def test_the_lakes_secret_key_never_appears_in_export_output(
+    migrated: str, tmp_path: Path, s3: S3Server, debug: list[str]
+) -> None:
+    cli = on(migrated, tmp_path)
+    ok(cli("import", str(REAL_QUOTES), "--quiet"))
+    secret = "Wrong-Lake-Secret/" + secrets.token_hex(8)
+    lake = {
+        "LAKE_ENDPOINT_URL": s3.endpoint_url,
+        "LAKE_REGION": s3.region,
+        "LAKE_ACCESS_KEY_ID": "AKIAWRONGKEY",
+        "LAKE_SECRET_ACCESS_KEY": secret,
+    }
+    span = ["--symbol", "BTCUSDT", "--start", "2020-02-22", "--end", "2020-02-23"]
+
+    missing = cli(*debug, "export", *span, LAKE_URL="s3://no-such-bucket/quotes", **lake)
+    bad_endpoint = cli(
+        *debug,
+        "export",
+        *span,
+        **{**lake, "LAKE_URL": "s3://bucket/q", "LAKE_ENDPOINT_URL": "ftp://" + secret},
+    )
+
+    assert missing.returncode != 0 and "no-such-bucket" in missing.stderr
+    assert bad_endpoint.returncode != 0 and "LAKE_ENDPOINT_URL" in bad_endpoint.stderr
+    for result in (missing, bad_endpoint):
+        assert secret not in result.stdout + result.stderr
+        assert "Wrong-Lake-Secret" not in result.stdout + result.stderr
+    if not debug:
+        line = one_line(missing)
+        assert "the lake s3://no-such-bucket/quotes cannot be used" in line
+        assert "LAKE_SECRET_ACCESS_KEY" in line  # named as a thing to check, never its value
+        assert "LAKE_ENDPOINT_URL='ftp://***'" in one_line(bad_endpoint)
 
 
 def test_doctor_roles_and_dead_letters(migrated: str, tmp_path: Path) -> None:

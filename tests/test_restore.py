@@ -1,6 +1,7 @@
 """Restore: archived rows back from the lake into PostgreSQL, exactly, and never twice.
 
-Each test gets its own database and lake (``local_lake``; see ``test_archive``).
+Each test gets its own database, and runs on each lake of the shared ``lake`` fixture (a
+local directory, and S3).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-import local_lake
 import pytest
 from test_archive import JAN_3, db_rows, entries, six_days
 from test_partitions import DAY_US, JAN_1_2024, engine_on, fetch, where_rows_are
@@ -19,11 +19,6 @@ from orderbook_store.ops import archive, partitions
 from orderbook_store.ops.restore import restore
 
 from catalog import execute
-
-#: The lake each test runs against: a directory (drop these two lines for the shared
-#: fixtures over [directory, S3 server]).
-lake_config = local_lake.lake_config
-lake = local_lake.lake
 
 MakeDb = Callable[[], str]
 JAN_2 = JAN_1_2024 + DAY_US

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -463,17 +464,23 @@ def _server_processes(server: TemporaryPostgres) -> list[psutil.Process]:
     return [parent, *parent.children(recursive=True)]
 
 
+def _signal_all(processes: list[psutil.Process], signum: signal.Signals) -> None:
+    """Signal each process; one that exited since it was listed (a backend or worker ending on
+    its own) needs no signal."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
 @pytest.fixture
 def hung(secure: SecureServer) -> Iterator[None]:
     """Every process of the server stopped (SIGSTOP): it accepts TCP, then never answers."""
     processes = _server_processes(secure.server)
-    for process in processes:
-        process.send_signal(signal.SIGSTOP)
+    _signal_all(processes, signal.SIGSTOP)
     try:
         yield
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGCONT)
+        _signal_all(processes, signal.SIGCONT)
 
 
 async def test_a_hung_server_fails_the_connect_within_its_timeout(
@@ -501,8 +508,7 @@ async def test_the_writer_spools_while_the_server_hangs(
     spool_dir = tmp_path / "spool"
     settings = secure.settings(connect_timeout_s=1, spool_dir=spool_dir, flush_interval_s=0.05)
     processes = _server_processes(secure.server)
-    for process in processes:
-        process.send_signal(signal.SIGSTOP)
+    _signal_all(processes, signal.SIGSTOP)
     try:
         engine = create_engine(settings)
         try:
@@ -518,8 +524,7 @@ async def test_the_writer_spools_while_the_server_hangs(
         finally:
             await engine.dispose()
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGCONT)
+        _signal_all(processes, signal.SIGCONT)
     # The server is back: the next writer on this host replays the spool.
     engine = create_engine(settings)
     try:

@@ -38,7 +38,9 @@ from orderbook_store.files.importers import (
     known_formats,
 )
 from orderbook_store.files.importers.verify import Stats, VerifySummary, verify_paths
+from orderbook_store.files.lake_store import Lake, open_lake
 from orderbook_store.quote_checks import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US
+from orderbook_store.settings import Settings
 from orderbook_store.times import from_us, iso_us
 
 app = typer.Typer()
@@ -178,11 +180,12 @@ VERIFY_HELP = (
     "unreadable."
 )
 EXPORT_HELP = (
-    "Export one symbol's quotes in [START, END) to Parquet (zstd) under "
-    "OUT/exchange=../symbol=../date=YYYY-MM-DD/.\n\n"
-    "Times are timestamp\\[us, UTC], values decimal128(20,8), exact; `import` reads the tree back. "
-    "Exporting the same range again replaces its files, an adjacent range adds files, a range "
-    "partly overlapping files already there is refused."
+    "Export one symbol's quotes in [START, END) in the lake format (docs/lake-format.md) "
+    "under OUT/exchange=../symbol=../date=YYYY-MM-DD/, or, without --out, into the lake "
+    "LAKE_URL names (a directory or s3://bucket/prefix).\n\n"
+    "Times are timestamp\\[us, UTC], values decimal128(20,8), exact, with id and created_at; "
+    "`import` reads a local tree back. Exporting the same range again replaces its files, an "
+    "adjacent range adds files, a range partly overlapping files already there is refused."
 )
 
 
@@ -376,6 +379,14 @@ def _verify_json(summary: VerifySummary) -> dict[str, object]:
     }
 
 
+def _configured_lake() -> Lake:
+    """The lake ``LAKE_URL`` names, for an export without ``--out``."""
+    lake = open_lake(Settings())
+    if lake is None:
+        raise ConfigError("export: give --out DIR, or set LAKE_URL to export into the lake")
+    return lake
+
+
 @app.command("export", help=EXPORT_HELP)
 def export_files(
     symbol: Annotated[str, typer.Option(help="Symbol to export, e.g. BTCUSDT.")],
@@ -396,15 +407,19 @@ def export_files(
         ),
     ],
     out: Annotated[
-        Path, typer.Option(help="Output directory (hive-partitioned tree).", file_okay=False)
-    ],
+        Path | None,
+        typer.Option(
+            help="Output directory (hive-partitioned tree); default: the lake LAKE_URL names.",
+            file_okay=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_output: JsonFlag = False,
 ) -> None:
-    """Export a symbol's quotes to Parquet (zstd): exchange=/symbol=/date= directories.
+    """Export a symbol's quotes in the lake format, into --out or the configured lake.
 
-    Timestamps are timestamp[us, UTC], values decimal128(20,8) (exact); `import` reads the
-    tree back.
+    Timestamps are timestamp[us, UTC], values decimal128(20,8) (exact); `import` reads a
+    local tree back.
     """
     start_us, end_us = start, end
     if end_us <= start_us:
@@ -421,6 +436,8 @@ def export_files(
         disable=quiet or json_output or not console.is_terminal,
         transient=True,
     )
+    target: Path | Lake = out if out is not None else _configured_lake()
+    where = target.url if isinstance(target, Lake) else str(target)
     task = progress.add_task("export", total=None)
 
     async def run(engine: AsyncEngine) -> None:
@@ -429,21 +446,21 @@ def export_files(
             symbol=symbol,
             start_us=start_us,
             end_us=end_us,
-            out=out,
+            out=target,
             on_rows=lambda rows: progress.advance(task, rows),
         )
         progress.stop()
         if json_output:
             document = {
                 "rows": summary.rows,
-                "files": [str(path) for path in summary.files],
+                "files": summary.files,
                 "seconds": round(summary.seconds, 3),
             }
             typer.echo(json.dumps(document))
         elif not quiet:
             rate = summary.rows / summary.seconds if summary.seconds else 0.0
             text_console().print(
-                f"exported {summary.rows:,} rows into {len(summary.files)} files under {out} "
+                f"exported {summary.rows:,} rows into {len(summary.files)} files under {where} "
                 f"({rate:,.0f} rows/s)"
             )
 

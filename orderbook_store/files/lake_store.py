@@ -12,6 +12,7 @@ to pyarrow only; ``Lake``'s ``repr`` and ``url`` never show it.
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,10 @@ from orderbook_store.errors import ConfigError
 if TYPE_CHECKING:
     from orderbook_store.settings import Settings
 
-__all__ = ["Lake", "open_lake"]
+__all__ = ["Lake", "open_lake", "printable_url"]
+
+#: S3's (and Spaces') rule for bucket names; anything else (a key pasted into the URL) is refused.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,22 @@ def open_lake(settings: Settings) -> Lake | None:
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:2] == ":"):  # also C:\\...
         return _local_lake(url)
     raise ConfigError(
-        f"LAKE_URL={url!r}: expected a directory or s3://bucket/prefix (scheme {scheme!r} "
-        "is not supported)"
+        f"LAKE_URL={printable_url(url)!r}: expected a directory or s3://bucket/prefix "
+        f"(scheme {scheme!r} is not supported)"
     )
+
+
+def printable_url(url: str) -> str:
+    """``url`` without anything that may be a key: what precedes the last ``@`` after the
+    scheme (a secret key may itself hold ``/``, ``:`` or ``?``) and the query."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    if "?" in rest:
+        rest = rest.partition("?")[0] + "?***"
+    return f"{scheme}{separator}{rest}"
 
 
 def _local_lake(url: str) -> Lake:
@@ -89,12 +106,17 @@ def _s3_lake(url: str, settings: Settings) -> Lake:
 
     parts = urlsplit(url)
     bucket = parts.netloc
+    if "@" in url or parts.query or parts.fragment:
+        raise ConfigError(
+            f"LAKE_URL={printable_url(url)!r}: put no key or options in the URL; use "
+            "LAKE_ACCESS_KEY_ID, LAKE_SECRET_ACCESS_KEY, LAKE_REGION and LAKE_ENDPOINT_URL"
+        )
     if not bucket:
         raise ConfigError(f"LAKE_URL={url!r}: name a bucket, as in s3://bucket/prefix")
-    if parts.username or parts.password or parts.query:
+    if not _BUCKET.fullmatch(bucket):
         raise ConfigError(
-            "LAKE_URL: put no key or options in the URL; use LAKE_ACCESS_KEY_ID, "
-            "LAKE_SECRET_ACCESS_KEY, LAKE_REGION and LAKE_ENDPOINT_URL"
+            f"LAKE_URL={'s3://***' if ':' in bucket else url!r}: a bucket name is 3 to 63 "
+            "lowercase letters, digits, dots and hyphens, as in s3://bucket/prefix"
         )
     options: dict[str, Any] = {}
     if settings.lake_region:

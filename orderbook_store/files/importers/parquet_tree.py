@@ -4,8 +4,9 @@ A file holds ``timestamp`` and ``local_timestamp`` (``timestamp[us, UTC]``, any 
 or int64 microseconds) and the four decimals (``decimal128(20, 8)`` as exported; strings or
 floats are accepted too, a float taken at its shortest repr). ``exchange`` and ``symbol`` come
 from the file's columns when it has them, else from the ``exchange=...``/``symbol=...``
-directories above it, as hive partitioning spells them. The "line" of a rejected row is its
-1-based row number in the file.
+directories above it, as hive partitioning spells them. Other columns, such as the lake
+format's ``id`` and ``created_at``, are not read: imported rows get new ids. The "line" of a
+rejected row is its 1-based row number in the file.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def sniff(unit: ImportUnit, options: ImportOptions) -> Reader:
                     digest.update(chunk)
         parquet = pq.ParquetFile(unit.path)
         first = 1
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+        wanted = ("timestamp", "local_timestamp", *DECIMAL_COLUMNS, "exchange", "symbol")
+        present = [name for name in wanted if name in schema.names]  # not id, created_at
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
             size = batch.num_rows
             columns: dict[str, pa.Array] = {
                 "line": line_numbers(first, size),
