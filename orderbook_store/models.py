@@ -102,7 +102,8 @@ class LakeRange(Base):
     An entry exists only once every file of the range was written and verified against the
     partition (rows and checksum), so a killed archive leaves none. ``dropped_at`` is set when
     ``prune`` drops the partition: from then on reads take ``[start_us, end_us)`` from the
-    lake's ``files`` (paths relative to the lake's root), and ``restore`` clears it again.
+    lake's ``files`` (paths relative to the lake's root) but ``restored_files``, and a
+    ``restore`` of the whole range clears it again.
     """
 
     __tablename__ = "orderbook_lake_ranges"
@@ -121,6 +122,11 @@ class LakeRange(Base):
         DateTime(timezone=True), nullable=False, server_default=text("now()")
     )
     dropped_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Files of a dropped range that ``restore`` brought back whole: reads take their rows
+    #: from PostgreSQL, not from them (cleared with ``dropped_at`` once all are back).
+    restored_files: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), nullable=False, server_default=text("'{}'")
+    )
 
     __table_args__ = (
         CheckConstraint("start_us < end_us", name="range"),

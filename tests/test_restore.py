@@ -9,16 +9,22 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
+import pandas as pd
+import pandas.testing as pdt
 import pytest
 from test_archive import JAN_3, db_rows, entries, six_days
-from test_partitions import DAY_US, JAN_1_2024, engine_on, fetch, where_rows_are
+from test_partitions import DAY_US, JAN_1_2024, SYMBOLS, engine_on, fetch, where_rows_are
 
+from orderbook_store.engine import create_engine
 from orderbook_store.errors import ConfigError
 from orderbook_store.files.lake_store import Lake
+from orderbook_store.models import QUOTE_COLUMNS
 from orderbook_store.ops import archive, partitions
-from orderbook_store.ops.restore import restore
+from orderbook_store.ops.restore import RestoreError, restore
+from orderbook_store.repository import OrderbookRepository
 
 from catalog import execute
+from lakes import LakeConfig
 
 MakeDb = Callable[[], str]
 JAN_2 = JAN_1_2024 + DAY_US
@@ -74,31 +80,81 @@ async def test_restore_is_exact_and_a_second_restore_adds_nothing(
     assert newest[0][0] == max(int(row[0]) for row in before) + 1  # type: ignore[call-overload]
 
 
-async def test_restore_of_one_symbol_then_of_the_rest(make_database: MakeDb, lake: Lake) -> None:
+async def quotes_of_two_days(url: str, lake_config: LakeConfig) -> pd.DataFrame:
+    """Every quote of the two pruned days through ``repo.quotes``, reading across tiers."""
+    engine = create_engine(lake_config.settings(database_url=url, pool_size=4))
+    try:
+        async with OrderbookRepository(engine) as repo:
+            frame = await repo.quotes(SYMBOLS, *TWO_DAYS, columns=["id", *QUOTE_COLUMNS])
+            assert isinstance(frame, pd.DataFrame)
+            return frame
+    finally:
+        await engine.dispose()
+
+
+async def test_restore_of_one_symbol_then_of_the_rest(
+    make_database: MakeDb, lake: Lake, lake_config: LakeConfig
+) -> None:
     url, before = await pruned_two_days(make_database, lake)
+    read_before = await quotes_of_two_days(url, lake_config)
+    assert len(read_before) == 2_000
     btc = [row for row in before if row[2] == "BTCUSDT"]
     async with engine_on(url) as engine:
         one = await restore(engine, lake, *TWO_DAYS, symbol="BTCUSDT")
         assert one.rows_added == len(btc) == 500
         assert await db_rows(url, *TWO_DAYS) == btc
-        # the range is not back whole: reads still take it from the lake
+        # the range is not back whole: reads take the rest from the lake, BTCUSDT from
+        # PostgreSQL, and no row from both
         assert all(e.dropped_at is not None for e in await entries(url))
+        assert all(len(e.restored_files) == 1 for e in await entries(url))
+        pdt.assert_frame_equal(await quotes_of_two_days(url, lake_config), read_before)
+        # the restored day cannot be archived over the lake's files: prune keeps it
+        lines: list[str] = []
+        kept = await partitions.prune(engine, JAN_3, lake=lake, progress=lines.append)
+        assert kept.kept == ["orderbook_data_p20240101", "orderbook_data_p20240102"]
+        assert kept.dropped == [] and any("restore --start" in line for line in lines)
+        pdt.assert_frame_equal(await quotes_of_two_days(url, lake_config), read_before)
         rest = await restore(engine, lake, *TWO_DAYS)
-    assert (rest.rows_read, rest.rows_added) == (2_000, 1_500)
+    assert (rest.rows_read, rest.rows_added) == (1_500, 1_500)
     assert await db_rows(url, *TWO_DAYS) == before
-    assert all(e.dropped_at is None for e in await entries(url))
+    assert all(e.dropped_at is None and e.restored_files == [] for e in await entries(url))
+    pdt.assert_frame_equal(await quotes_of_two_days(url, lake_config), read_before)
+    # whole again: prune archives and drops it as any other day
+    async with engine_on(url) as engine:
+        again = await partitions.prune(engine, JAN_3, lake=lake)
+    assert again.rows == 2_000 and again.kept == []
+    pdt.assert_frame_equal(await quotes_of_two_days(url, lake_config), read_before)
 
 
-async def test_restore_of_part_of_a_day(make_database: MakeDb, lake: Lake) -> None:
-    url, before = await pruned_two_days(make_database, lake)
+async def test_part_of_a_day_of_a_dropped_range_is_refused(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url, _before = await pruned_two_days(make_database, lake)
+    hours = (JAN_1_2024 + 6 * 3_600_000_000, JAN_1_2024 + 30 * 3_600_000_000)  # Jan 1 6h-Jan 2 6h
+    async with engine_on(url) as engine:
+        with pytest.raises(RestoreError, match=r"covers only in part.*whole days.*Nothing was"):
+            await restore(engine, lake, *hours)
+    assert await db_rows(url, *TWO_DAYS) == []
+    assert all(e.restored_files == [] for e in await entries(url))
+
+
+async def test_restore_of_part_of_a_day_archived_and_still_stored(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url = await six_days(make_database)
+    before = await db_rows(url, *TWO_DAYS)
     hours = (JAN_1_2024 + 6 * 3_600_000_000, JAN_1_2024 + 30 * 3_600_000_000)  # Jan 1 6h-Jan 2 6h
     wanted = [row for row in before if hours[0] <= row[3] < hours[1]]  # type: ignore[operator]
     async with engine_on(url) as engine:
+        await archive.archive(engine, lake, JAN_3)
+        await execute(
+            url,
+            f"DELETE FROM orderbook_data WHERE timestamp >= {hours[0]} AND timestamp < {hours[1]}",
+        )
         result = await restore(engine, lake, *hours)
     assert result.rows_added == len(wanted) == 1_000
-    assert await db_rows(url, *TWO_DAYS) == wanted
+    assert await db_rows(url, *TWO_DAYS) == before
     assert result.ranges_back == []
-    assert all(e.dropped_at is not None for e in await entries(url))
 
 
 async def test_copies_of_one_quote_come_back_as_many_times_as_archived(

@@ -54,6 +54,7 @@ from orderbook_store.files.lake_store import Lake
 from orderbook_store.ops import lake_catalog as catalog
 from orderbook_store.ops.lake_catalog import LakeEntry
 from orderbook_store.pg.connection import raw_connection
+from orderbook_store.times import from_us
 
 __all__ = [
     "ARCHIVE_LOCK_CLASS",
@@ -84,6 +85,13 @@ _COPY_COLUMNS: Final = ", ".join(f'"{name}"' for name in FILE_COLUMNS)
 
 class ArchiveError(OrderbookStoreError):
     """A partition could not be archived; nothing was recorded for it."""
+
+
+class PartlyRestored(ArchiveError):
+    """The partition's range was dropped to the lake, and the table holds rows of it again
+    (late rows given a partition by ``ensure``, or a ``restore`` of some of its files).
+    Archiving it would replace the lake's files with only those rows, so it is left alone
+    until ``restore`` brings the whole range back."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,14 @@ async def archive_partition(
         )
         # READ COMMITTED: this statement sees an entry committed while we waited.
         existing = await _check_catalog(lock_conn, lake, name, start_us, end_us)
+        if existing is not None and existing.dropped:
+            raise PartlyRestored(
+                f"{name}: its range is in the lake ({existing.rows:,} rows, dropped from "
+                "PostgreSQL) and the table holds rows of it again; archiving them would replace "
+                "the lake's files, so it stays: run `orderbook-store restore --start "
+                f"{from_us(start_us).isoformat()} --end {from_us(end_us).isoformat()}` to "
+                "bring the whole range back, then prune again"
+            )
         if existing is not None and not replace:
             where = "" if existing.lake_url == lake.url else f" in {existing.lake_url}"
             say(f"{name} is archived already{where} ({existing.rows:,} rows)")

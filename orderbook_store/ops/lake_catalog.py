@@ -3,8 +3,9 @@
 An entry is written once every file of an archived partition is written and verified (see
 ``ops.archive``), so an entry is a promise: the files it lists hold exactly ``rows`` rows with
 ``checksum`` (``files.lake_checksum``). ``dropped_at`` says the partition is gone from
-PostgreSQL (``prune``), so reads take that range from the lake; ``restore`` clears it when the
-whole range is back. The statements here take a connection, so a caller puts them in the
+PostgreSQL (``prune``), so reads take that range from the lake, all but ``restored_files``
+(files ``restore`` brought back whole); ``restore`` clears both when the whole range is back.
+The statements here take a connection, so a caller puts them in the
 transaction that must hold them (the archive's lock, prune's drop).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -25,6 +26,7 @@ __all__ = [
     "clear_dropped",
     "entry_for",
     "mark_dropped",
+    "note_restored",
     "overlapping",
     "record",
     "replace",
@@ -34,7 +36,7 @@ CATALOG = LakeRange.__tablename__
 
 _COLUMNS = (
     "id, partition_name, start_us, end_us, symbols, rows, checksum, files, format_version, "
-    "lake_url, archived_at, dropped_at"
+    "lake_url, archived_at, dropped_at, restored_files"
 )
 
 
@@ -54,6 +56,8 @@ class LakeEntry:
     id: int | None = None
     archived_at: dt.datetime | None = None
     dropped_at: dt.datetime | None = None
+    #: Files of a dropped range that ``restore`` brought back whole (reads skip them).
+    restored_files: list[str] = field(default_factory=list)
 
     @property
     def dropped(self) -> bool:
@@ -62,7 +66,9 @@ class LakeEntry:
 
 
 def _entry(row: Sequence[object]) -> LakeEntry:
-    (id_, name, start, end, symbols, rows, checksum, files, version, url, archived, dropped) = row
+    (id_, name, start, end, symbols, rows, checksum, files, version, url, archived, dropped) = row[
+        :12
+    ]
     return LakeEntry(
         partition_name=str(name),
         start_us=int(start),  # type: ignore[call-overload]
@@ -76,6 +82,7 @@ def _entry(row: Sequence[object]) -> LakeEntry:
         id=int(id_),  # type: ignore[call-overload]
         archived_at=archived,  # type: ignore[arg-type]
         dropped_at=dropped,  # type: ignore[arg-type]
+        restored_files=list(row[12]),  # type: ignore[call-overload]
     )
 
 
@@ -151,6 +158,22 @@ async def mark_dropped(conn: AsyncConnection, start_us: int, end_us: int) -> Non
 async def clear_dropped(conn: AsyncConnection, start_us: int, end_us: int) -> None:
     """Say the range's rows are in PostgreSQL again (restored, or the drop undone)."""
     await conn.execute(
-        text(f"UPDATE {CATALOG} SET dropped_at = NULL WHERE start_us = :s AND end_us = :e"),
+        text(
+            f"UPDATE {CATALOG} SET dropped_at = NULL, restored_files = '{{}}'"
+            " WHERE start_us = :s AND end_us = :e"
+        ),
         {"s": start_us, "e": end_us},
+    )
+
+
+async def note_restored(conn: AsyncConnection, start_us: int, end_us: int, relative: str) -> None:
+    """Say a file of a dropped range is back in PostgreSQL whole: reads skip it from now on.
+    Run in the transaction that stored its rows, so reads see the rows in one tier only."""
+    await conn.execute(
+        text(
+            f"UPDATE {CATALOG} SET restored_files = array_append(restored_files, :f)"
+            " WHERE start_us = :s AND end_us = :e AND dropped_at IS NOT NULL"
+            " AND NOT (:f = ANY(restored_files))"
+        ),
+        {"s": start_us, "e": end_us, "f": relative},
     )

@@ -161,6 +161,9 @@ class PruneResult:
     files: list[str] = field(default_factory=list)
     #: Symbols no row holds any more, taken off ``orderbook_symbols`` (see ``ops.symbols``).
     forgotten: list[str] = field(default_factory=list)
+    #: Partitions of ranges already dropped to the lake that hold rows again (``ensure``d late
+    #: rows, a partial ``restore``): left for a whole ``restore`` (``archive.PartlyRestored``).
+    kept: list[str] = field(default_factory=list)
 
 
 # -- time arithmetic --------------------------------------------------------------------------
@@ -556,7 +559,12 @@ async def prune(
     say = progress or (lambda _line: None)
     result = PruneResult()
     for part in await prunable(engine, older_than, now=now):
-        dropped = await _drop(engine, part, lake, say)
+        try:
+            dropped = await _drop(engine, part, lake, say)
+        except archive.PartlyRestored as kept:
+            say(f"kept {kept}")
+            result.kept.append(part.name)
+            continue
         if dropped is None:  # another prune run took it first
             continue
         rows, files = dropped

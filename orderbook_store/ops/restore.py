@@ -14,14 +14,15 @@ then brings back each listed file of a wanted symbol, one transaction per file:
   times and the table ``m`` times is stored ``n - m`` more times, keeping the ids of the
   copies not stored yet). So a second restore adds 0, and a range half restored is completed.
 
-When every file of an entry was brought back over its whole range (every symbol), the entry's
-``dropped_at`` is cleared: reads take the range from PostgreSQL again. A restore of some
-symbols or part of a range leaves it set. Restores take turns (an advisory lock per file).
+Each file of a dropped range comes back whole, and is noted in the entry's ``restored_files``
+in the transaction that stores its rows: reads then take those rows from PostgreSQL and skip
+the file, so no row is read from both tiers. Part of such a file is refused (widen the range
+to whole UTC days). When every file of an entry is back, its ``dropped_at`` is cleared: reads
+take the range from PostgreSQL again. Restores take turns (an advisory lock per file).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import time
 from collections.abc import Callable
@@ -33,13 +34,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.files.importers.dedupe import planned_for_bulk, same_quote
-from orderbook_store.files.lake_format import DAY_US, FILE_COLUMNS
+from orderbook_store.files.lake_format import FILE_COLUMNS
 from orderbook_store.files.lake_store import Lake
 from orderbook_store.models import QUOTE_COLUMNS, TABLE_COLUMNS, OrderbookData
 from orderbook_store.ops import lake_catalog as catalog
 from orderbook_store.ops.lake_catalog import LakeEntry
 from orderbook_store.pg.connection import raw_connection
-from orderbook_store.times import day_of
+from orderbook_store.read.tiers import LakeFileRef
+from orderbook_store.times import day_of, from_us
 
 __all__ = ["RESTORE_LOCK_KEY", "RestoreError", "RestoreResult", "restore"]
 
@@ -80,17 +82,6 @@ class RestoreResult:
         return asdict(self) | {"rows_skipped": self.rows_skipped}
 
 
-def _file_parts(relative: str) -> tuple[str, str, dt.date]:
-    """Exchange, symbol and date of a lake file from its hive path."""
-    from urllib.parse import unquote
-
-    values = {}
-    for part in relative.split("/")[:-1]:
-        key, _, value = part.partition("=")
-        values[key] = unquote(value)
-    return values["exchange"], values["symbol"], dt.date.fromisoformat(values["date"])
-
-
 async def restore(
     engine: AsyncEngine,
     lake: Lake,
@@ -120,6 +111,7 @@ async def restore(
                 f"[{entry.start_us}, {entry.end_us}) µs is archived in the lake "
                 f"{entry.lake_url!r}, not in {lake.url!r}: point LAKE_URL at that lake"
             )
+    _refuse_part_of_a_file(entries, start_us, end_us, symbol)
     low = max(start_us, min(e.start_us for e in entries))
     high = min(end_us, max(e.end_us for e in entries))
     made = await partitions.ensure(engine, ahead=0, since=day_of(low), until=day_of(high - 1))
@@ -136,6 +128,39 @@ async def restore(
     return result
 
 
+def _wanted_files(
+    entry: LakeEntry, start_us: int, end_us: int, symbol: str | None
+) -> list[LakeFileRef]:
+    """The entry's files of ``symbol`` (any when ``None``) meeting ``[start_us, end_us)``."""
+    refs = [LakeFileRef.parse(relative) for relative in entry.files]
+    return [
+        ref
+        for ref in refs
+        if (symbol is None or ref.symbol == symbol)
+        and ref.low_us < end_us
+        and ref.high_us > start_us
+    ]
+
+
+def _refuse_part_of_a_file(
+    entries: list[LakeEntry], start_us: int, end_us: int, symbol: str | None
+) -> None:
+    """A dropped range comes back a whole file at a time: reads then skip that file, so its
+    rows are read from one tier only. Part of a file would leave its rows in both."""
+    for entry in entries:
+        if not entry.dropped:
+            continue  # the partition is in PostgreSQL: reads never take this range from the lake
+        for ref in _wanted_files(entry, start_us, end_us, symbol):
+            if ref.low_us < start_us or ref.high_us > end_us:
+                raise RestoreError(
+                    f"restore: {ref.path} holds [{from_us(ref.low_us).isoformat()}, "
+                    f"{from_us(ref.high_us).isoformat()}), which the range "
+                    f"[{from_us(start_us).isoformat()}, {from_us(end_us).isoformat()}) covers "
+                    "only in part; a dropped range is restored a whole file (a UTC day) at a "
+                    "time: widen --start/--end to whole days. Nothing was restored"
+                )
+
+
 async def _restore_entry(
     engine: AsyncEngine,
     lake: Lake,
@@ -149,23 +174,20 @@ async def _restore_entry(
     """Restore an entry's wanted files; True when that was the whole entry."""
     low, high = max(start_us, entry.start_us), min(end_us, entry.end_us)
     whole = (low, high) == (entry.start_us, entry.end_us)
-    for relative in entry.files:
-        exchange, file_symbol, day = _file_parts(relative)
-        day_low = (day - dt.date(1970, 1, 1)).days * DAY_US
-        if symbol is not None and file_symbol != symbol:
-            whole = False
-            continue
-        if day_low + DAY_US <= low or day_low >= high:
+    if symbol is not None and any(s != symbol for s in entry.symbols):
+        whole = False
+    for ref in _wanted_files(entry, low, high, symbol):
+        if ref.path in entry.restored_files:
             continue
         read, added = await _restore_file(
             engine,
             lake,
-            relative,
-            exchange,
-            file_symbol,
-            max(low, day_low),
-            min(high, day_low + DAY_US),
+            entry,
+            ref,
+            max(low, ref.low_us),
+            min(high, ref.high_us),
         )
+        relative = ref.path
         result.rows_read += read
         result.rows_added += added
         result.files.append(relative)
@@ -239,13 +261,14 @@ def _insert_sql(low: int, high: int) -> str:
 async def _restore_file(
     engine: AsyncEngine,
     lake: Lake,
-    relative: str,
-    exchange: str,
-    symbol: str,
+    entry: LakeEntry,
+    ref: LakeFileRef,
     low: int,
     high: int,
 ) -> tuple[int, int]:
-    """One file's rows in ``[low, high)`` restored in one transaction: (read, added)."""
+    """One file's rows in ``[low, high)`` restored in one transaction: (read, added). A file
+    of a dropped range is noted as restored in the same transaction (reads skip it)."""
+    relative, exchange, symbol = ref.path, ref.exchange, ref.symbol
     read = 0
     async with engine.begin() as conn:
         # Through SQLAlchemy first: that begins the transaction the raw statements run in.
@@ -260,10 +283,13 @@ async def _restore_file(
                 read += rows
         except (OSError, ValueError) as exc:
             raise RestoreError(f"lake file {relative}: cannot be read ({exc})") from exc
-        if not read:
-            return 0, 0
-        await raw.execute(f"ANALYZE {PENDING}")
-        async with planned_for_bulk(raw):
-            status = await raw.execute(_insert_sql(low, high), exchange, symbol)
-        await raw.execute(_SEQUENCE_PAST_SQL)
-    return read, int(status.rsplit(" ", 1)[-1])
+        added = 0
+        if read:
+            await raw.execute(f"ANALYZE {PENDING}")
+            async with planned_for_bulk(raw):
+                status = await raw.execute(_insert_sql(low, high), exchange, symbol)
+            await raw.execute(_SEQUENCE_PAST_SQL)
+            added = int(status.rsplit(" ", 1)[-1])
+        if entry.dropped:
+            await catalog.note_restored(conn, entry.start_us, entry.end_us, relative)
+    return read, added

@@ -41,11 +41,12 @@ __all__ = ["LakeCatalog", "LakeFileRef", "LakeRangeEntry", "lake_windows", "requ
 CATALOG = LakeRange.__tablename__
 _PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
 #: Dropped ranges overlapping ``[$1, $2)`` holding one of ``$3`` (any when NULL), with only
-#: the files of those symbols (``$4``: their names as the layout escapes them).
+#: the files of those symbols (``$4``: their names as the layout escapes them) that were not
+#: restored (``restored_files``: their rows are in PostgreSQL again).
 _DROPPED_SQL = (
-    "SELECT start_us, end_us, symbols, rows, lake_url, CASE WHEN $4::text[] IS NULL THEN files"
-    " ELSE ARRAY(SELECT f FROM unnest(files) AS f"
-    " WHERE split_part(split_part(f, '/symbol=', 2), '/', 1) = ANY($4::text[])) END AS files"
+    "SELECT start_us, end_us, symbols, rows, lake_url, ARRAY(SELECT f FROM unnest(files) AS f"
+    " WHERE f <> ALL(restored_files) AND ($4::text[] IS NULL"
+    " OR split_part(split_part(f, '/symbol=', 2), '/', 1) = ANY($4::text[]))) AS files"
     f" FROM {CATALOG}"
     " WHERE dropped_at IS NOT NULL AND start_us < $2::bigint AND end_us > $1::bigint"
     " AND ($3::text[] IS NULL OR symbols::text[] && $3::text[])"

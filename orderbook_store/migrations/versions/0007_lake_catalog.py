@@ -4,7 +4,8 @@
 compares it with the partition (rows and checksum), and only then records the range here, in
 one transaction: an entry means its files are complete and verified. ``prune`` drops only
 partitions whose range has an entry, and stamps ``dropped_at``; reads then take that range
-from the lake. ``restore`` brings a range back and clears ``dropped_at``.
+from the lake. ``restore`` brings files back (listed in ``restored_files``: reads take their
+rows from PostgreSQL) and, once the whole range is back, clears ``dropped_at``.
 
 The downgrade drops the table (the lake's files stay where they are).
 
@@ -49,6 +50,12 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("dropped_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column(
+            "restored_files",
+            postgresql.ARRAY(sa.Text()),
+            server_default=sa.text("'{}'"),
+            nullable=False,
+        ),
         sa.CheckConstraint("start_us < end_us", name=f"ck_{TABLE}_range"),
         sa.PrimaryKeyConstraint("id", name=f"{TABLE}_pkey"),
     )
