@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 import pytest
 from test_partitions import DAY_US, JAN_1_2024, at_head, engine_on, fetch, fill
 
+from orderbook_store.files.export import export_parquet
 from orderbook_store.files.lake_checksum import Totals, checksum_sql, table_totals, totals_sql
 from orderbook_store.files.lake_format import FILE_COLUMNS, partitioning
 from orderbook_store.files.lake_store import Lake
@@ -181,6 +182,28 @@ async def test_archive_then_prune_keeps_every_row_in_the_lake(
     assert lake_rows(lake) == before  # count, ids, every value
     assert all(e.dropped_at is not None for e in await entries(url))
     assert not [name for name in lake_names(lake) if name.startswith(".")]
+
+
+async def test_an_export_of_part_of_a_day_into_the_lake_is_replaced_by_its_archive(
+    make_database: MakeDb, lake: Lake
+) -> None:
+    url = await six_days(make_database)
+    before = await db_rows(url, 0, JAN_1_2024 + DAY_US)
+    hours = (JAN_1_2024 + 3_600_000_000, JAN_1_2024 + 5 * 3_600_000_000)
+    lines: list[str] = []
+    async with engine_on(url) as engine:
+        exported = await export_parquet(
+            engine, symbol="BTCUSDT", start_us=hours[0], end_us=hours[1], out=lake
+        )
+        assert exported.rows > 0
+        await archive.archive(engine, lake, dt.date(2024, 1, 2), progress=lines.append)
+    # the archived day's file holds the exported rows: the tree holds each row once
+    assert lake_rows(lake) == before
+    assert [x for x in lines if x.startswith("removed ")] == [
+        f"removed exchange=binance-futures/symbol=BTCUSDT/date=2024-01-01/part-{hours[0]}-"
+        f"{hours[1]}.parquet: exchange=binance-futures/symbol=BTCUSDT/date=2024-01-01/"
+        f"part-{JAN_1_2024}-{JAN_1_2024 + DAY_US}.parquet holds its rows"
+    ]
 
 
 async def test_prune_with_a_lake_archives_what_is_not_archived_yet(

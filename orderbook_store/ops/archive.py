@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -268,6 +269,9 @@ async def archive_partition(
             await catalog.record(lock_conn, entry)
         else:
             await catalog.replace(lock_conn, entry)
+    for relative in entry.files:
+        for superseded in remove_superseded(lake, relative):
+            say(f"removed {superseded}: {relative} holds its rows")
     done = ArchivedPartition(
         name,
         start_us,
@@ -389,6 +393,32 @@ def _remove_stale_temporaries(lake: Lake, relative: str) -> None:
     for info in found:
         if info.base_name.startswith(f".{name}.") and info.base_name.endswith(".tmp"):
             lake.filesystem.delete_file(info.path)
+
+
+_PART_RE: Final = re.compile(r"part-(-?[0-9]+)-(-?[0-9]+)\.parquet")
+
+
+def remove_superseded(lake: Lake, relative: str) -> list[str]:
+    """Delete the other files of ``relative``'s directory whose range lies within its own
+    (an earlier ``export`` of part of that day into the lake): the archived file holds their
+    rows, and an engine reading the lake's tree (DuckDB, Spark) would count them twice. Run
+    once the catalog records ``relative``. Returns the deleted paths (relative)."""
+    from pyarrow import fs
+
+    directory, _, name = lake.path(relative).rpartition("/")
+    mine = _PART_RE.fullmatch(name)
+    if mine is None:
+        return []
+    low, high = int(mine.group(1)), int(mine.group(2))
+    deleted = []
+    for info in lake.filesystem.get_file_info(fs.FileSelector(directory)):
+        other = _PART_RE.fullmatch(info.base_name)
+        if other is None or info.base_name == name:
+            continue
+        if low <= int(other.group(1)) and int(other.group(2)) <= high:
+            lake.filesystem.delete_file(info.path)
+            deleted.append(lake.relative(info.path))
+    return deleted
 
 
 _PARSE: Final[dict[str, Any]] = {}
