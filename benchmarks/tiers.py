@@ -6,8 +6,9 @@ and compacted (``partitions compact``: the best PostgreSQL can do for this read)
 run:
 
 1. ``repo.quotes("BTCUSDT", 30 days)`` from PostgreSQL, warm, best of ``--repeat``;
-2. every day partition moved to a local-directory lake (``tests/lake_state.py``, what
-   ``archive`` + ``prune`` leave) and the same call again, now answered from the lake's files;
+2. every day partition moved to a local-directory lake (``partitions prune`` with the lake,
+   which archives each partition first) and the same call again, now answered from the lake's
+   files;
 3. the ratio, and bytes per row in the lake against PostgreSQL's heap and indexes.
 
 The two results are checked equal (``assert_frame_equal``) before any time is reported.
@@ -33,8 +34,6 @@ from orderbook_store.files.lake_store import open_lake
 from orderbook_store.ops import compaction, partitions
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
-
-from lake_state import move_partition_to_lake  # tests/, on the path via benchmarks._common
 
 DAY = 86_400_000_000
 DAYS = 30
@@ -106,10 +105,8 @@ async def run(url: str, rows: int, repeat: int) -> None:
             lake = open_lake(settings)
             assert lake is not None
             began = time.perf_counter()
-            moved = 0
-            for day in range(DAYS):
-                start = T0 + day * DAY
-                moved += await move_partition_to_lake(settings, lake, start, start + DAY)
+            pruned = await partitions.prune(engine, partitions.from_us(T0 + DAYS * DAY), lake=lake)
+            moved = pruned.rows
             moved_s = time.perf_counter() - began
             lake_s, from_lake = await _best(read, repeat)
         pd.testing.assert_frame_equal(from_lake, stored, check_exact=True)
@@ -123,9 +120,7 @@ async def run(url: str, rows: int, repeat: int) -> None:
             f"  bytes per row: lake {lake_bytes / moved:.1f}, PostgreSQL heap + indexes"
             f" {int(pg_bytes) / moved:.1f} (1/{int(pg_bytes) / lake_bytes:.1f}; target <= 1/15)"
         )
-        print(
-            f"  (moving the {DAYS} partitions to the lake with tests/lake_state: {moved_s:.1f} s)"
-        )
+        print(f"  (archiving and pruning the {DAYS} partitions: {moved_s:.1f} s)")
     finally:
         await engine.dispose()
         for path in sorted(lake_dir.rglob("*"), reverse=True):

@@ -5,8 +5,8 @@ values past 2**53 and past int64 unscaled) in day partitions; the first two days
 the lake (``lake_state.move_partition_to_lake``: what ``archive`` + ``prune`` do), so a read
 of the four days is half in the lake and half in PostgreSQL.
 
-The lake under test comes from the ``lake_config`` fixture (``LAKE_*`` settings); it is a
-local directory here, and the shared ``[local, s3]`` lake fixture drops in there.
+Each test runs on each lake of the shared ``lake_config`` fixture (``tests/lakes.py``: a local
+directory, and a bucket on the S3 server the tests start).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
 
 from lake_state import move_partition_to_lake
+from lakes import LakeConfig
 
 DAY = 86_400_000_000
 HOUR = 3_600_000_000
@@ -49,12 +50,6 @@ START, END = D1 + 3 * HOUR, DAYS[3] + 5 * HOUR  # half in the lake, half in Post
 OUTPUTS = ("pandas", "polars", "arrow", "numpy")
 ODD = "Q/Z %é=1"
 COLUMNS = ["id", "symbol", "timestamp", "exchange", "bid_price", "ask_amount"]
-
-
-@pytest.fixture(params=["local"])
-def lake_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """The ``LAKE_*`` settings of the lake under test (the one fixture to swap for S3)."""
-    return {"lake_url": str(tmp_path / "lake")}
 
 
 @dataclass
@@ -137,10 +132,10 @@ async def _fill(settings: Settings) -> None:
 
 @pytest.fixture
 async def tiers(
-    make_database: Callable[[], str], lake_config: dict[str, Any], tmp_path: Path
+    make_database: Callable[[], str], lake_config: LakeConfig, tmp_path: Path
 ) -> AsyncIterator[Tiers]:
     url = await asyncio.to_thread(make_database)
-    settings = Settings(database_url=url, pool_size=4, spool_dir=tmp_path / "spool", **lake_config)
+    settings = lake_config.settings(database_url=url, pool_size=4, spool_dir=tmp_path / "spool")
     await asyncio.to_thread(migrations.upgrade, settings, "head")
     engine = create_engine(settings)
     await _fill(settings)
