@@ -22,7 +22,9 @@ How a range read works, and why:
   boundary and read on two pooled connections at once; the second joins the first one's
   transaction snapshot (``pg_export_snapshot``/``SET TRANSACTION SNAPSHOT``), so both see the
   same rows. On a standby, with a busy pool, or when the second connection reaches another
-  server, the first connection simply reads everything.
+  server, the first connection simply reads everything. Rows stored in symbol order (compacted
+  partitions, see ``read.clustering``) are read on one connection: the server's per-row work is
+  then no longer the limit, and a second connection only competes with the decoder for CPU.
 
 Times: ``start``/``end`` accept aware ``datetime`` (any zone), naive ``datetime`` (taken as
 UTC), ISO-8601 strings (naive ones UTC), ``pandas.Timestamp``, ``numpy.datetime64`` (UTC) and
