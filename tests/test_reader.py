@@ -446,6 +446,8 @@ async def test_two_connection_read_equals_one_connection_read(engine, real_rows)
             " 99 + g * 0.01, 2.5 FROM generate_series(0, 29999) g, unnest('{A,Z}'::text[]) s",
             T0,
         )
+        # Statistics of these rows (symbols interleaved), not of an earlier test's.
+        await raw.execute("ANALYZE orderbook_data")
     single, double = Reader(engine), Reader(engine)
     single.parallel = False
     double.parallel_min_rows = 1  # split every symbol in two, read on two connections
