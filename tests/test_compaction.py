@@ -21,6 +21,7 @@ import asyncpg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from test_partitions import (
     DAY_US,
     JAN_1_2024,
@@ -40,6 +41,7 @@ from orderbook_store.errors import ConfigError
 from orderbook_store.ops import compaction, migrations, partitions
 from orderbook_store.ops.doctor import run_checks
 from orderbook_store.ops.roles import RoleNames, roles_sql
+from orderbook_store.read.plan import plan_quotes
 from orderbook_store.read.reader import Reader
 from orderbook_store.repository import OrderbookRepository
 from orderbook_store.settings import Settings
@@ -355,6 +357,15 @@ async def test_rows_written_into_a_partition_while_it_is_compacted_are_kept(
     assert await leftovers(url) == []
 
 
+async def stored_in_symbol_order(engine: AsyncEngine, reader: Reader, day: tuple[int, int]) -> bool:
+    """Whether ``reader`` takes ``day``'s rows of ``SYMBOLS`` for stored in symbol order (and
+    so reads them on one connection)."""
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        _, _, clustered = await reader._parts(raw, plan_quotes(SYMBOLS, *day))
+    return clustered
+
+
 async def test_readers_during_compaction_see_every_row_exactly_once(
     make_database: MakeDb,
 ) -> None:
@@ -365,6 +376,7 @@ async def test_readers_during_compaction_see_every_row_exactly_once(
         reader = Reader(engine)
         reader.parallel_min_rows = 100  # two connections sharing one exported snapshot
         one_day = await reader.quotes(SYMBOLS, *day, exact=True)
+        assert not await stored_in_symbol_order(engine, reader, day)  # the history: scattered
         reads: dict[str, int] = {"statement": 0, "repeatable read": 0, "reader": 0}
         task = asyncio.create_task(compaction.compact(engine, now=AFTER_JANUARY))
 
@@ -400,6 +412,10 @@ async def test_readers_during_compaction_see_every_row_exactly_once(
                 reads["reader"] += 1
 
         await asyncio.gather(statements(), repeatable_reads(), frames(), task)
+        # The compacted day is stored in symbol order: one connection reads it, the same rows.
+        assert await stored_in_symbol_order(engine, reader, day)
+        assert (await reader.quotes(SYMBOLS, *day, exact=True)).equals(one_day)
+        assert reader.last_read_connections == 1
     assert len(task.result().compacted) == 1
     assert min(reads.values()) >= 3, reads
 

@@ -446,6 +446,8 @@ async def test_two_connection_read_equals_one_connection_read(engine, real_rows)
             " 99 + g * 0.01, 2.5 FROM generate_series(0, 29999) g, unnest('{A,Z}'::text[]) s",
             T0,
         )
+        # Statistics of these rows (symbols interleaved), not of an earlier test's.
+        await raw.execute("ANALYZE orderbook_data")
     single, double = Reader(engine), Reader(engine)
     single.parallel = False
     double.parallel_min_rows = 1  # split every symbol in two, read on two connections
@@ -459,11 +461,50 @@ async def test_two_connection_read_equals_one_connection_read(engine, real_rows)
             assert one[column].tolist() == two[column].tolist() or (
                 one[column].dtype == np.float64 and one[column].tobytes() == two[column].tobytes()
             ), column
-    parts, _ = await _parts_of(double, engine, "BTCUSDT")
-    assert len(parts) == 2 and parts[0].end_us == parts[1].start_us
+    parts, _, clustered = await _parts_of(double, engine, "BTCUSDT")
+    assert len(parts) == 2 and parts[0].end_us == parts[1].start_us and not clustered
 
 
-async def _parts_of(reader: Reader, engine: AsyncEngine, symbol: str) -> tuple[list, int]:
+_SYMBOL_ROWS_SQL = (
+    "INSERT INTO orderbook_data (symbol, timestamp, local_timestamp,"
+    " ask_amount, ask_price, bid_price, bid_amount)"
+    " SELECT s, $1::bigint + g * 7, $1::bigint + g * 7 + 3, 1.5, 100 + g * 0.01,"
+    " 99 + g * 0.01, 2.5 FROM {rows} ORDER BY {order}"
+)
+
+
+@pytest.mark.parametrize(
+    ("order", "connections"),
+    [("s, g", 1), ("g, s", 2)],
+    ids=["stored-in-symbol-order", "symbols-interleaved"],
+)
+async def test_rows_stored_in_symbol_order_are_read_on_one_connection(
+    engine, order, connections
+) -> None:
+    # A compacted partition holds each symbol's rows together: its index scan reads the heap
+    # in order, and a second connection would only compete with the decoder for CPU.
+    rows = "generate_series(0, 19999) g, unnest('{A,M,Z}'::text[]) s"
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        await raw.execute(_SYMBOL_ROWS_SQL.format(rows=rows, order=order), T0)
+        await raw.execute("ANALYZE orderbook_data")
+    single, reader = Reader(engine), Reader(engine)
+    single.parallel = False
+    reader.parallel_min_rows = 1
+    for symbols in ("M", ["Z", "A", "M"]):
+        one = await single.quotes(symbols, T0, T0 + DAY, output="numpy")
+        got = await reader.quotes(symbols, T0, T0 + DAY, output="numpy")
+        assert len(got["timestamp"]) == 20_000 * (1 if symbols == "M" else 3)
+        assert list(one) == list(got)
+        for column in one:
+            assert one[column].tolist() == got[column].tolist(), column
+        assert reader.last_read_connections == connections
+    parts, estimate, clustered = await _parts_of(reader, engine, "M")
+    assert clustered is (connections == 1)
+    assert len(parts) == (1 if clustered else 2) and estimate > 10_000
+
+
+async def _parts_of(reader: Reader, engine: AsyncEngine, symbol: str) -> tuple[list, int, bool]:
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         return await reader._parts(raw, plan_quotes(symbol, T0, T0 + DAY))

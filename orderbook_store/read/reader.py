@@ -22,7 +22,9 @@ How a range read works, and why:
   boundary and read on two pooled connections at once; the second joins the first one's
   transaction snapshot (``pg_export_snapshot``/``SET TRANSACTION SNAPSHOT``), so both see the
   same rows. On a standby, with a busy pool, or when the second connection reaches another
-  server, the first connection simply reads everything.
+  server, the first connection simply reads everything. Rows stored in symbol order (compacted
+  partitions, see ``read.clustering``) are read on one connection: the server's per-row work is
+  then no longer the limit, and a second connection only competes with the decoder for CPU.
 
 Tiers: ranges whose partitions were archived to the lake and dropped (``orderbook_lake_ranges``,
 ``dropped_at`` set) are read from the lake's Parquet files, the rest from PostgreSQL, and merged
@@ -64,6 +66,7 @@ from orderbook_store.engine import settings_of
 from orderbook_store.errors import InvalidArgument
 from orderbook_store.files.lake_store import Lake, open_lake
 from orderbook_store.pg.connection import raw_connection
+from orderbook_store.read.clustering import planned_relations, stored_in_symbol_order
 from orderbook_store.read.columns import (
     _Block,
     _block_from_batches,
@@ -207,10 +210,11 @@ class Reader:
                         asyncio.to_thread(_lake_blocks, lake, entries, plan)
                     )
                 try:
-                    parts, rows = await self._parts(raw, plan)
+                    parts, rows, clustered = await self._parts(raw, plan)
                     snapshot = None
                     self.last_read_connections = 1
-                    if self.parallel and len(parts) > 1 and rows >= self.parallel_min_rows:
+                    wanted = self.parallel and not clustered and rows >= self.parallel_min_rows
+                    if wanted and len(parts) > 1:
                         snapshot = await _export_snapshot(raw)
                     if snapshot is not None:
                         results = await self._copy_parallel(raw, plan, parts, snapshot)
@@ -231,15 +235,18 @@ class Reader:
                 blocks = _with_lake_blocks(plan, blocks, lake_blocks)
         return _merge_blocks(plan, blocks)
 
-    async def _parts(self, raw: asyncpg.Connection, plan: _Plan) -> tuple[list[_Part], int]:
-        """The COPYs to run, in output order, and the planner's estimate of all rows.
+    async def _parts(self, raw: asyncpg.Connection, plan: _Plan) -> tuple[list[_Part], int, bool]:
+        """The COPYs to run, in output order, the planner's estimate of all rows, and whether
+        those rows are stored in symbol order (``read.clustering``: one connection reads them
+        best).
 
         A symbol whose range the planner expects to hold ``parallel_min_rows`` or more is cut
         in two at the middle of its first and last timestamps (a timestamp boundary, so equal
-        timestamps never straddle two parts).
+        timestamps never straddle two parts), unless the rows are stored in symbol order.
         """
         parts: list[_Part] = []
         total = 0
+        clustered: bool | None = None
         for symbol in plan.symbols:
             args = (symbol, plan.start_us, plan.end_us, plan.exchange)
             explained = await raw.fetchval(_ESTIMATE_SQL, *args)
@@ -248,7 +255,12 @@ class Reader:
                 explained = json.loads(explained)
             estimate = int(explained[0]["Plan"]["Plan Rows"])
             total += estimate
-            if self.parallel and estimate >= self.parallel_min_rows:
+            split = self.parallel and estimate >= self.parallel_min_rows
+            if split and clustered is None:
+                # Every symbol's plan reads the same partitions: asked once per read.
+                relations = planned_relations(explained[0]["Plan"])
+                clustered = await stored_in_symbol_order(raw, relations)
+            if split and not clustered:
                 bounds_sql = _bounds_sql(plan.start_us, plan.end_us)
                 bounds = await raw.fetchrow(bounds_sql, symbol, plan.exchange)
                 first, last = bounds["first"], bounds["last"]
@@ -258,7 +270,12 @@ class Reader:
                     parts.append(_Part(symbol, middle, plan.end_us))
                     continue
             parts.append(_Part(symbol, plan.start_us, plan.end_us))
-        return parts, total
+        several = self.parallel and len(parts) > 1 and total >= self.parallel_min_rows
+        if clustered is None and several:
+            # Several symbols, none large alone: they would go to two connections.
+            relations = planned_relations(explained[0]["Plan"])
+            clustered = await stored_in_symbol_order(raw, relations)
+        return parts, total, bool(clustered)
 
     async def _copy_parallel(
         self, raw: asyncpg.Connection, plan: _Plan, parts: list[_Part], snapshot: str
