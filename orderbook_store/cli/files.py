@@ -94,6 +94,25 @@ def _time_option(option: str) -> Callable[[str], int]:
     return parse
 
 
+#: ``--start`` and ``--end`` of a command over a time range (``export``, ``restore``).
+StartOption = Annotated[
+    int,
+    typer.Option(
+        help="From (inclusive): ISO date/time, UTC, or µs.",
+        parser=_time_option("--start"),
+        metavar="TIME",
+    ),
+]
+EndOption = Annotated[
+    int,
+    typer.Option(
+        help="To (exclusive): ISO date/time, UTC, or µs.",
+        parser=_time_option("--end"),
+        metavar="TIME",
+    ),
+]
+
+
 def _iso(timestamp_us: int | None) -> str:
     if timestamp_us is None:
         return ""
@@ -390,22 +409,8 @@ def _configured_lake() -> Lake:
 @app.command("export", help=EXPORT_HELP)
 def export_files(
     symbol: Annotated[str, typer.Option(help="Symbol to export, e.g. BTCUSDT.")],
-    start: Annotated[
-        int,
-        typer.Option(
-            help="From (inclusive): ISO date/time, UTC, or µs.",
-            parser=_time_option("--start"),
-            metavar="TIME",
-        ),
-    ],
-    end: Annotated[
-        int,
-        typer.Option(
-            help="To (exclusive): ISO date/time, UTC, or µs.",
-            parser=_time_option("--end"),
-            metavar="TIME",
-        ),
-    ],
+    start: StartOption,
+    end: EndOption,
     out: Annotated[
         Path | None,
         typer.Option(

@@ -15,7 +15,7 @@ import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.cli.common import run_with_engine
-from orderbook_store.cli.files import _time_option
+from orderbook_store.cli.files import EndOption, StartOption
 from orderbook_store.cli.partitions import _age_option
 from orderbook_store.errors import ConfigError
 from orderbook_store.files.lake_store import Lake, open_lake
@@ -56,12 +56,13 @@ def archive_command(
         bool, typer.Option("--json", help="The summary as JSON on stdout; progress on stderr.")
     ] = False,
 ) -> None:
-    """Copy closed partitions older than --older-than to the lake (LAKE_URL), verified.
+    """Copy closed partitions older than --older-than to the lake (LAKE_URL).
 
-    Each file is read back and checked (rows and checksum) against the partition, then the
-    partition's range is recorded in the lake's catalog. Idempotent and resumable: an
-    archived range is skipped, an interrupted run records nothing and is simply run again.
-    Rows stay in PostgreSQL until `partitions prune`.
+    Each file is read back and checked (rows and checksum) against the
+    partition, then the partition's range is recorded in the lake's catalog.
+    Idempotent and resumable: an archived range is skipped, an interrupted
+    run records nothing and is simply run again. Rows stay in PostgreSQL
+    until `partitions prune`.
     """
     lake = configured_lake("archive")
 
@@ -82,22 +83,8 @@ def archive_command(
 
 @app.command("restore")
 def restore_command(
-    start: Annotated[
-        int,
-        typer.Option(
-            help="From (inclusive): ISO date/time, UTC, or µs.",
-            parser=_time_option("--start"),
-            metavar="TIME",
-        ),
-    ],
-    end: Annotated[
-        int,
-        typer.Option(
-            help="To (exclusive): ISO date/time, UTC, or µs.",
-            parser=_time_option("--end"),
-            metavar="TIME",
-        ),
-    ],
+    start: StartOption,
+    end: EndOption,
     symbol: Annotated[str | None, typer.Option(help="Only this symbol, e.g. BTCUSDT.")] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="The summary as JSON on stdout; progress on stderr.")
@@ -105,8 +92,10 @@ def restore_command(
 ) -> None:
     """Bring archived quotes of a range back from the lake into PostgreSQL, exactly.
 
-    Every column comes back as archived (ids too). Quotes already stored are skipped, so a
-    second restore adds nothing. Partitions for the range are made first.
+    Every column comes back as archived (ids too). Quotes already stored
+    are skipped, so a second restore adds nothing. Partitions for the range
+    are made first. Days that prune dropped come back whole (a UTC day at
+    a time).
     """
     if end <= start:
         raise ConfigError(
