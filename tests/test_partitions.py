@@ -860,6 +860,47 @@ async def test_a_long_reader_during_an_upgrade_never_stalls_a_writer(
     assert (await fetch(url, "SELECT version_num FROM alembic_version"))[0][0] == HEAD
 
 
+async def test_a_long_reader_during_a_prune_never_stalls_a_writer(make_database: MakeDb) -> None:
+    """The daily prune detaches old days while a notebook's read holds the table: the detach
+    asks for the lock in short attempts, so inserts never queue behind it for long, and the
+    days are dropped once the reader is done."""
+    url = await at_head(make_database)
+    async with engine_on(url) as engine:
+        await partitions.ensure(engine, ahead=5, today=dt.date(2024, 1, 1))
+    await fill(url, 6_000, span=6 * DAY_US)
+    reader = await asyncpg.connect(url)
+    probe = await asyncpg.connect(url)
+    waits: list[float] = []
+    lines: list[str] = []
+
+    async def read_for_3_s() -> None:
+        await reader.execute("BEGIN; SELECT count(*) FROM orderbook_data")
+        await asyncio.sleep(3)
+        await reader.execute("COMMIT")
+
+    try:
+        reading = asyncio.create_task(read_for_3_s())
+        await asyncio.sleep(0.2)
+        async with engine_on(url) as engine:
+            pruning = asyncio.create_task(
+                partitions.prune(engine, dt.date(2024, 1, 3), confirm=True, progress=lines.append)
+            )
+            while not pruning.done():
+                await timed_probe_insert(probe, waits)
+                await asyncio.sleep(0.02)
+            result = await pruning
+            assert reading.done(), "the prune finished while the reader still held the table"
+    finally:
+        await probe.close()
+        await reader.close()
+    assert max(waits) < 0.5, f"a writer waited {max(waits):.2f} s"
+    assert result.dropped == ["orderbook_data_p20240101", "orderbook_data_p20240102"]
+    assert result.rows == 2_000
+    assert any("waiting for other sessions" in line for line in lines)
+    probes = await fetch(url, "SELECT count(*) FROM orderbook_data WHERE symbol = 'PROBEUSDT'")
+    assert probes[0][0] == len(waits)
+
+
 async def test_ensure_since_prepares_partitions_for_a_backfill(make_database: MakeDb) -> None:
     url = await at_head(make_database)
     async with engine_on(url) as engine:

@@ -22,8 +22,10 @@ nothing is locked when there is nothing to do.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,6 +516,12 @@ async def prunable(
 
 #: Attempts to drop a partition whose rows keep changing after each archive of it.
 DROP_ATTEMPTS = 3
+#: The drop's detach needs the table to itself, and every insert queues behind a detach that
+#: waits (for a notebook's long read, say): each attempt waits this long for a lock, then
+#: lets the queue through and tries again, ...
+DROP_LOCK_TIMEOUT_S = 0.2
+#: ... for this long in all before prune gives up (nothing dropped).
+DROP_LOCK_GIVE_UP_S = 600.0
 
 
 class _Changed(Exception):
@@ -595,8 +603,7 @@ async def _drop(
                 engine, lake, part.name, part.start_us, part.end_us, say, replace=replace
             )
         try:
-            async with engine.begin() as conn:
-                return await _check_and_drop(conn, part, lake)
+            return await _check_and_drop_patiently(engine, part, lake, say)
         except _Changed as changed:
             say(f"{part.name}: {changed}; archiving it again")
             replace = True
@@ -604,6 +611,31 @@ async def _drop(
         f"{part.name} changed after each of {DROP_ATTEMPTS} archives of it (rows keep arriving "
         "for its range); nothing was dropped, run prune again later"
     )
+
+
+async def _check_and_drop_patiently(
+    engine: AsyncEngine, part: PartitionInfo, lake: Lake | None, say: Callable[[str], None]
+) -> tuple[int, list[str]] | None:
+    """``_check_and_drop`` in attempts that wait ``DROP_LOCK_TIMEOUT_S`` for a lock each, so
+    writers never queue long behind the detach."""
+    give_up = time.monotonic() + DROP_LOCK_GIVE_UP_S
+    told = False
+    while True:
+        try:
+            async with engine.begin() as conn:
+                return await _check_and_drop(conn, part, lake)
+        except DBAPIError as exc:
+            if "lock timeout" not in str(exc):
+                raise
+            if time.monotonic() > give_up:
+                raise PartitionError(
+                    f"{part.name}: {TABLE} stayed in use by other sessions for "
+                    f"{DROP_LOCK_GIVE_UP_S:g} s; nothing was dropped, run prune again later"
+                ) from None
+            if not told:
+                say(f"{part.name}: waiting for other sessions to let go of {TABLE}")
+                told = True
+            await asyncio.sleep(DROP_LOCK_TIMEOUT_S)
 
 
 async def _check_and_drop(
@@ -616,6 +648,8 @@ async def _check_and_drop(
 
     assert part.start_us is not None and part.end_us is not None
     await conn.execute(text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"))
+    # From here on, no wait for a lock outlasts DROP_LOCK_TIMEOUT_S (the caller tries again).
+    await conn.execute(text(f"SET LOCAL lock_timeout = '{int(DROP_LOCK_TIMEOUT_S * 1000)}ms'"))
     still_attached = (
         await conn.execute(
             text(
