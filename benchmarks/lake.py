@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks._common import admin_execute, bench_database, find_server
+from benchmarks.partitions import FILL_SQL, SYMBOLS
 from orderbook_store.engine import create_engine
 from orderbook_store.files.export import export_parquet
 from orderbook_store.ops import archive, partitions
@@ -34,18 +35,6 @@ from orderbook_store.settings import Settings
 DAY_US = 86_400_000_000
 START = dt.date(2024, 1, 1)
 T0 = partitions.to_us(START)
-SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
-
-FILL_SQL = """
-INSERT INTO orderbook_data
-    (symbol, timestamp, local_timestamp, ask_amount, ask_price, bid_price, bid_amount)
-SELECT (ARRAY['BTCUSDT', 'ETHUSDT', 'SOLUSDT', 'BNBUSDT'])[1 + g % 4],
-       {t0} + g::bigint * {span} / {rows},
-       {t0} + g::bigint * {span} / {rows} + 2500 + g % 97,
-       round((random() * 5)::numeric, 3), round((40000 + random() * 1000)::numeric, 1),
-       round((40000 + random() * 1000)::numeric, 1), round((random() * 50)::numeric, 8)
-FROM generate_series(0, {rows} - 1) AS g
-"""
 
 
 async def fill(url: str, rows: int, days: int) -> None:

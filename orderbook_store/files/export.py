@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError, LakeUnavailable
 from orderbook_store.files.lake_format import LakeFile, day_bounds, day_dir, day_of_us, file_name
-from orderbook_store.files.lake_store import Lake
+from orderbook_store.files.lake_store import Lake, directory_lake
 from orderbook_store.models import DECIMAL_COLUMNS, LakeRange, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
 
@@ -117,12 +117,6 @@ def location(lake: Lake, relative_path: str) -> str:
     """Where a lake file is, as a user names it: a local path or ``s3://bucket/key``."""
     path = lake.path(relative_path)
     return path if lake.is_local else f"s3://{path}"
-
-
-def directory_lake(out: Path) -> Lake:
-    """A local directory as a lake (created if missing), as ``--out DIR`` names one."""
-    out.mkdir(parents=True, exist_ok=True)
-    return Lake(url=str(out), root=out.resolve().as_posix(), filesystem=fs.LocalFileSystem())
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from orderbook_store.errors import ConfigError
 if TYPE_CHECKING:
     from orderbook_store.settings import Settings
 
-__all__ = ["Lake", "open_lake", "printable_url"]
+__all__ = ["Lake", "directory_lake", "open_lake", "printable_url"]
 
 #: S3's (and Spaces') rule for bucket names; anything else (a key pasted into the URL) is refused.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -89,16 +89,23 @@ def printable_url(url: str) -> str:
     return f"{scheme}{separator}{rest}"
 
 
-def _local_lake(url: str) -> Lake:
+def directory_lake(directory: str | Path, *, url: str | None = None) -> Lake:
+    """A local directory as a lake (``LAKE_URL``, ``export --out DIR``, ``prune --archive
+    DIR``), made if missing; ``url`` is how it is shown (the directory by default). Raises
+    ``OSError`` when the directory cannot be made (callers say which setting named it)."""
     from pyarrow import fs
 
-    path = Path(urlsplit(url).path if url.startswith("file:") else url).expanduser()
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    shown = url if url is not None else str(directory)
+    return Lake(url=shown, root=path.resolve().as_posix(), filesystem=fs.LocalFileSystem())
+
+
+def _local_lake(url: str) -> Lake:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        return directory_lake(urlsplit(url).path if url.startswith("file:") else url, url=url)
     except OSError as exc:
         raise ConfigError(f"LAKE_URL={url!r}: cannot create the directory ({exc})") from None
-    root = path.resolve().as_posix()
-    return Lake(url=url, root=root, filesystem=fs.LocalFileSystem())
 
 
 def _s3_lake(url: str, settings: Settings) -> Lake:

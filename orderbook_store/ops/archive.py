@@ -40,6 +40,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orderbook_store.errors import OrderbookStoreError
+from orderbook_store.files import lake_store
 from orderbook_store.files.lake_checksum import Totals, table_totals, totals_sql
 from orderbook_store.files.lake_format import (
     DAY_US,
@@ -152,15 +153,12 @@ class ArchiveResult:
 
 def directory_lake(directory: str | Path) -> Lake:
     """A local directory as a lake (``prune --archive DIR``), made if missing."""
-    from pyarrow import fs
-
-    path = Path(directory).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        return lake_store.directory_lake(directory)
     except OSError as exc:
-        raise ArchiveError(f"archive directory {str(path)!r}: cannot create it ({exc})") from None
-    root = path.resolve().as_posix()
-    return Lake(url=root, root=root, filesystem=fs.LocalFileSystem())
+        raise ArchiveError(
+            f"archive directory {str(directory)!r}: cannot create it ({exc})"
+        ) from None
 
 
 async def archivable(
