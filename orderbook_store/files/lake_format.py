@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
-from orderbook_store.models import DECIMAL_COLUMNS, arrow_schema
+from orderbook_store.models import DECIMAL_COLUMNS, LakeRange, arrow_schema
 
 if TYPE_CHECKING:
     from orderbook_store.files.lake_store import Lake
@@ -45,6 +47,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ROW_GROUP_ROWS",
     "LakeFile",
+    "LakeFileRef",
     "day_dir",
     "file_name",
     "file_schema",
@@ -90,6 +93,41 @@ def day_dir(exchange: str, symbol: str, day: dt.date) -> str:
 def file_name(low_us: int, high_us: int) -> str:
     """The name of the file covering ``[low_us, high_us)`` of one date."""
     return f"part-{low_us}-{high_us}.parquet"
+
+
+_FILE_RE = re.compile(
+    r"(?:^|/)exchange=([^/]*)/symbol=([^/]*)/date=(\d{4}-\d{2}-\d{2})"
+    r"/part-(-?\d+)-(-?\d+)\.parquet$"
+)
+
+
+@dataclass(frozen=True)
+class LakeFileRef:
+    """One lake file, as its path describes it: whose rows, which ``[low_us, high_us)``."""
+
+    path: str  # relative to the lake's root
+    exchange: str
+    symbol: str
+    day: dt.date
+    low_us: int
+    high_us: int
+
+    @classmethod
+    def parse(cls, path: str) -> LakeFileRef:
+        found = _FILE_RE.search(path)
+        if found is None:
+            raise RuntimeError(
+                f"{LakeRange.__tablename__} names a file outside the lake layout: {path!r}"
+            )
+        exchange, symbol, day, low, high = found.groups()
+        return cls(
+            path,
+            unquote(exchange),
+            unquote(symbol),
+            dt.date.fromisoformat(day),
+            int(low),
+            int(high),
+        )
 
 
 def day_of_us(timestamp_us: int) -> dt.date:

@@ -34,13 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError, OrderbookStoreError
 from orderbook_store.files.importers.dedupe import planned_for_bulk, same_quote
-from orderbook_store.files.lake_format import FILE_COLUMNS
+from orderbook_store.files.lake_format import FILE_COLUMNS, LakeFileRef
 from orderbook_store.files.lake_store import Lake
 from orderbook_store.models import QUOTE_COLUMNS, TABLE_COLUMNS, OrderbookData
 from orderbook_store.ops import lake_catalog as catalog
 from orderbook_store.ops.lake_catalog import LakeEntry
 from orderbook_store.pg.connection import raw_connection
-from orderbook_store.read.tiers import LakeFileRef
 from orderbook_store.times import day_of, from_us
 
 __all__ = ["RESTORE_LOCK_KEY", "RestoreError", "RestoreResult", "restore"]

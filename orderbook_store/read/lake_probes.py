@@ -21,8 +21,9 @@ from orderbook_store.models import DECIMAL_COLUMNS
 from orderbook_store.read.lake_reader import unreadable
 
 if TYPE_CHECKING:
+    from orderbook_store.files.lake_format import LakeFileRef
     from orderbook_store.files.lake_store import Lake
-    from orderbook_store.read.tiers import LakeFileRef, LakeRangeEntry
+    from orderbook_store.read.tiers import LakeRangeEntry
 
 __all__ = ["LakeProbes", "later"]
 

@@ -27,8 +27,8 @@ from orderbook_store.models import DECIMAL_COLUMNS, DECIMAL_SCALE
 from orderbook_store.pg.copy_out import DecodedColumn, TextColumn
 
 if TYPE_CHECKING:
+    from orderbook_store.files.lake_format import LakeFileRef
     from orderbook_store.files.lake_store import Lake
-    from orderbook_store.read.tiers import LakeFileRef
 
 __all__ = ["decode_table", "read_lake_rows", "sort_order", "unreadable"]
 

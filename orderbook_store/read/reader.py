@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
 from orderbook_store.engine import settings_of
 from orderbook_store.errors import InvalidArgument
+from orderbook_store.files.lake_format import LakeFileRef
 from orderbook_store.files.lake_store import Lake, open_lake
 from orderbook_store.pg.connection import raw_connection
 from orderbook_store.read.clustering import planned_relations, stored_in_symbol_order
@@ -109,7 +110,6 @@ from orderbook_store.read.snapshot import read_snapshot
 from orderbook_store.read.sql import RESAMPLE_COLUMNS, RESAMPLE_SQL
 from orderbook_store.read.tiers import (
     LakeCatalog,
-    LakeFileRef,
     LakeRangeEntry,
     lake_windows,
     require_lake,

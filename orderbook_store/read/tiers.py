@@ -20,14 +20,13 @@ would drop rows from the answer.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from orderbook_store.errors import ConfigError
+from orderbook_store.files.lake_format import LakeFileRef
 from orderbook_store.models import LakeRange
 from orderbook_store.times import from_us
 
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 
     from orderbook_store.files.lake_store import Lake
 
-__all__ = ["LakeCatalog", "LakeFileRef", "LakeRangeEntry", "lake_windows", "require_lake"]
+__all__ = ["LakeCatalog", "LakeRangeEntry", "lake_windows", "require_lake"]
 
 CATALOG = LakeRange.__tablename__
 _PRESENT_SQL = f"SELECT to_regclass('{CATALOG}') IS NOT NULL"
@@ -59,38 +58,6 @@ _NEWEST_SQL = (
 )
 _NO_LOWER = -(2**63)
 _NO_UPPER = 2**63 - 1
-
-_FILE_RE = re.compile(
-    r"(?:^|/)exchange=([^/]*)/symbol=([^/]*)/date=(\d{4}-\d{2}-\d{2})"
-    r"/part-(-?\d+)-(-?\d+)\.parquet$"
-)
-
-
-@dataclass(frozen=True)
-class LakeFileRef:
-    """One lake file, as its path describes it: whose rows, which ``[low_us, high_us)``."""
-
-    path: str  # relative to the lake's root
-    exchange: str
-    symbol: str
-    day: dt.date
-    low_us: int
-    high_us: int
-
-    @classmethod
-    def parse(cls, path: str) -> LakeFileRef:
-        found = _FILE_RE.search(path)
-        if found is None:
-            raise RuntimeError(f"{CATALOG} names a file outside the lake layout: {path!r}")
-        exchange, symbol, day, low, high = found.groups()
-        return cls(
-            path,
-            unquote(exchange),
-            unquote(symbol),
-            dt.date.fromisoformat(day),
-            int(low),
-            int(high),
-        )
 
 
 @dataclass(frozen=True)
