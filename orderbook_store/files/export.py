@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,14 @@ from pyarrow import fs
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orderbook_store.errors import ConfigError, LakeUnavailable
-from orderbook_store.files.lake_format import LakeFile, day_bounds, day_dir, day_of_us, file_name
+from orderbook_store.files.lake_format import (
+    LakeFile,
+    LakeFileRef,
+    day_bounds,
+    day_dir,
+    day_of_us,
+    file_name,
+)
 from orderbook_store.files.lake_store import Lake, directory_lake
 from orderbook_store.models import DECIMAL_COLUMNS, LakeRange, OrderbookData, arrow_schema
 from orderbook_store.pg.connection import raw_connection
@@ -62,7 +68,6 @@ __all__ = [
 #: Rows fetched per query: one hour of one symbol.
 WINDOW_US: Final = 3_600_000_000
 
-_PART = re.compile(r"date=([0-9]{4}-[0-9]{2}-[0-9]{2})/part-([0-9]+)-([0-9]+)\.parquet")
 
 _CSV_NAMES: Final = [
     "exchange",
@@ -160,16 +165,15 @@ def _symbol_files(lake: Lake, symbol: str) -> list[str]:
 def check_overlaps(lake: Lake, symbol: str, start_us: int, end_us: int) -> None:
     """Refuse a range that partly overlaps files already in the lake (see the module doc)."""
     for relative in _symbol_files(lake, symbol):
-        found = _PART.search(relative)
-        if found is None:
+        ref = LakeFileRef.match(relative)
+        if ref is None:
             continue
-        day = dt.date.fromisoformat(found.group(1))
-        low, high = int(found.group(2)), int(found.group(3))
-        mine = day_bounds(day, start_us, end_us)
+        low, high = ref.low_us, ref.high_us
+        mine = day_bounds(ref.day, start_us, end_us)
         if mine[0] < mine[1] and low < mine[1] and mine[0] < high and (low, high) != mine:
             raise ConfigError(
                 f"export: {location(lake, relative)} already holds [{low}, {high}) µs, which "
-                f"overlaps this export's [{mine[0]}, {mine[1]}) on {day}; export elsewhere, "
+                f"overlaps this export's [{mine[0]}, {mine[1]}) on {ref.day}; export elsewhere, "
                 "export exactly the ranges already there, or delete those files first"
             )
 
@@ -180,13 +184,11 @@ def check_archived(
     """Refuse to replace a file the lake's catalog records (``archived``: relative paths):
     after ``prune`` it may be the only copy of its rows, and an export holds only what
     PostgreSQL still has."""
-    marker = f"/symbol={quote(symbol, safe='')}/"
     for relative in archived:
-        found = _PART.search(relative)
-        if found is None or marker not in f"/{relative}":
+        ref = LakeFileRef.match(relative)
+        if ref is None or ref.symbol != symbol:
             continue
-        day = dt.date.fromisoformat(found.group(1))
-        if (int(found.group(2)), int(found.group(3))) == day_bounds(day, start_us, end_us):
+        if (ref.low_us, ref.high_us) == day_bounds(ref.day, start_us, end_us):
             raise ConfigError(
                 f"export: {location(lake, relative)} is an archived file in the lake's catalog "
                 "(written and verified by `archive`); an export would replace it with only the "

@@ -114,11 +114,21 @@ class LakeFileRef:
 
     @classmethod
     def parse(cls, path: str) -> LakeFileRef:
-        found = _FILE_RE.search(path)
+        """The file a catalog entry names; ``RuntimeError`` for a path outside the layout."""
+        found = cls.match(path)
         if found is None:
             raise RuntimeError(
                 f"{LakeRange.__tablename__} names a file outside the lake layout: {path!r}"
             )
+        return found
+
+    @classmethod
+    def match(cls, path: str) -> LakeFileRef | None:
+        """The file ``path`` (relative to the root) names, or ``None`` for anything else in
+        the tree (a temporary file, a stranger's file)."""
+        found = _FILE_RE.search(path)
+        if found is None:
+            return None
         exchange, symbol, day, low, high = found.groups()
         return cls(
             path,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from orderbook_store.files.lake_format import (
     FILE_COLUMNS,
     FORMAT_VERSION,
     LakeFile,
+    LakeFileRef,
     day_bounds,
     day_dir,
     day_of_us,
@@ -393,9 +393,6 @@ def _remove_stale_temporaries(lake: Lake, relative: str) -> None:
             lake.filesystem.delete_file(info.path)
 
 
-_PART_RE: Final = re.compile(r"part-(-?[0-9]+)-(-?[0-9]+)\.parquet")
-
-
 def remove_superseded(lake: Lake, relative: str) -> list[str]:
     """Delete the other files of ``relative``'s directory whose range lies within its own
     (an earlier ``export`` of part of that day into the lake): the archived file holds their
@@ -403,19 +400,18 @@ def remove_superseded(lake: Lake, relative: str) -> list[str]:
     once the catalog records ``relative``. Returns the deleted paths (relative)."""
     from pyarrow import fs
 
-    directory, _, name = lake.path(relative).rpartition("/")
-    mine = _PART_RE.fullmatch(name)
+    mine = LakeFileRef.match(relative)
     if mine is None:
         return []
-    low, high = int(mine.group(1)), int(mine.group(2))
+    directory = lake.path(relative).rpartition("/")[0]
     deleted = []
     for info in lake.filesystem.get_file_info(fs.FileSelector(directory)):
-        other = _PART_RE.fullmatch(info.base_name)
-        if other is None or info.base_name == name:
+        other = LakeFileRef.match(lake.relative(info.path))
+        if other is None or other.path == mine.path:
             continue
-        if low <= int(other.group(1)) and int(other.group(2)) <= high:
+        if mine.low_us <= other.low_us and other.high_us <= mine.high_us:
             lake.filesystem.delete_file(info.path)
-            deleted.append(lake.relative(info.path))
+            deleted.append(other.path)
     return deleted
 
 
